@@ -1,0 +1,81 @@
+"""JSON encoding of job arguments, headers and messages: strict, sized, with useful errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pgqueue.errors import PayloadTooLarge
+
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
+_MAX_DEPTH = 200
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def encode(value: Any, *, what: str = "args", max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """Encode ``value`` as compact JSON text, or raise a precise error.
+
+    ``TypeError`` names the path of a value JSON cannot hold (``args['items'][3]``);
+    ``ValueError`` covers NaN/Infinity, lone surrogates and nesting deeper than 200;
+    ``PayloadTooLarge`` fires before any SQL when the text exceeds ``max_bytes``.
+    """
+    try:
+        text = _ENCODER.encode(value)
+    except (TypeError, ValueError, RecursionError):
+        _explain(value, what, 0)
+        raise
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} contains text that is not valid Unicode ({exc.reason}): "
+            "PostgreSQL jsonb cannot store lone surrogates"
+        ) from None
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"{what} is {size} bytes of JSON, over the limit of {max_bytes}: store large data "
+            "elsewhere (a table or object storage) and enqueue a reference to it"
+        )
+    if "\\u0000" in text:
+        raise ValueError(f"{what} contains a NUL character, which PostgreSQL jsonb cannot store")
+    return text
+
+
+def _explain(value: Any, path: str, depth: int) -> None:
+    """Walk ``value`` and raise an error naming the first offending path."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{path} nests deeper than {_MAX_DEPTH} levels")
+    if value is None or isinstance(value, (bool, int, str)):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{path} is not valid Unicode (a lone surrogate?)") from None
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path} is {value!r}, which JSON cannot represent")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise TypeError(f"{path} has a key of type {type(key).__name__}; JSON keys are text")
+            _explain(item, f"{path}[{key!r}]", depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _explain(item, f"{path}[{index}]", depth + 1)
+        return
+    raise TypeError(
+        f"{path} is a {type(value).__name__}, which is not JSON-serializable: "
+        "pass plain dicts, lists, str, int, float, bool or None"
+    )
+
+
+def decode(text: str | bytes | Any) -> Any:
+    """Decode JSON text from the database; already-decoded values pass through."""
+    if isinstance(text, (str, bytes, bytearray)):
+        return json.loads(text)
+    return text

@@ -1,0 +1,180 @@
+"""The tables of pgqueue, declared once (SQLAlchemy Core); Alembic revisions are checked against them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+
+from pgqueue.names import schema_name
+
+DEFAULT_SCHEMA = "pgqueue"
+VERSION_TABLE = "schema_version"
+
+# Job states kept in the hot table. Completed jobs are deleted from it; dead ones move
+# to dead_jobs. 'available' covers queued and scheduled (run_at in the future) jobs.
+JOB_STATES = ("available", "running")
+
+
+def _now() -> TextClause:
+    return text("now()")
+
+
+def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
+    """Return the pgqueue tables in ``schema`` (validated against the allow-list)."""
+    schema = schema_name(schema)
+    metadata = MetaData(schema=schema)
+    tz = DateTime(timezone=True)
+
+    Table(
+        "jobs",
+        metadata,
+        Column("id", BigInteger, Identity(always=True)),
+        Column("queue", Text, nullable=False),
+        Column("task", Text, nullable=False),
+        Column("args", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+        Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+        Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+        Column("state", Text, nullable=False, server_default=text("'available'::text")),
+        Column("run_at", tz, nullable=False, server_default=_now()),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("max_attempts", Integer),
+        Column("timeout_seconds", Double),
+        Column("ordering_key", Text),
+        Column("key_seq", BigInteger),
+        Column("unique_key", Text),
+        Column("lease_token", UUID),
+        Column("lease_expires_at", tz),
+        Column("worker_id", UUID),
+        Column("claimed_at", tz),
+        Column("heartbeat_at", tz),
+        Column("last_error", Text),
+        Column("created_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("id", name="jobs_pkey"),
+        CheckConstraint("state IN ('available', 'running')", name="jobs_state_check"),
+        CheckConstraint("max_attempts IS NULL OR max_attempts > 0", name="jobs_max_attempts_check"),
+        CheckConstraint("attempts >= 0", name="jobs_attempts_check"),
+        CheckConstraint(
+            "state <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            name="jobs_running_lease_check",
+        ),
+        Index(
+            "jobs_claim_idx",
+            "queue",
+            text("priority DESC"),
+            "run_at",
+            "id",
+            postgresql_where=text("state = 'available'"),
+        ),
+        Index(
+            "jobs_lease_idx",
+            "lease_expires_at",
+            postgresql_where=text("state = 'running'"),
+        ),
+        Index(
+            "jobs_running_queue_idx",
+            "queue",
+            postgresql_where=text("state = 'running'"),
+        ),
+        Index(
+            "jobs_ordering_key_idx",
+            "queue",
+            "ordering_key",
+            "key_seq",
+            postgresql_where=text("ordering_key IS NOT NULL"),
+        ),
+        Index(
+            "jobs_unique_key_idx",
+            "queue",
+            "unique_key",
+            unique=True,
+            postgresql_where=text("unique_key IS NOT NULL"),
+        ),
+    )
+
+    Table(
+        "dead_jobs",
+        metadata,
+        Column("id", BigInteger, nullable=False, autoincrement=False),
+        Column("queue", Text, nullable=False),
+        Column("task", Text, nullable=False),
+        Column("args", JSONB, nullable=False),
+        Column("headers", JSONB, nullable=False),
+        Column("priority", SmallInteger, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("max_attempts", Integer),
+        Column("timeout_seconds", Double),
+        Column("ordering_key", Text),
+        Column("key_seq", BigInteger),
+        Column("unique_key", Text),
+        Column("reason", Text, nullable=False),
+        Column("last_error", Text),
+        Column("worker_id", UUID),
+        Column("created_at", tz, nullable=False),
+        Column("failed_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("id", name="dead_jobs_pkey"),
+        Index("dead_jobs_queue_failed_idx", "queue", "failed_at"),
+        Index("dead_jobs_failed_idx", "failed_at"),
+    )
+
+    Table(
+        "queues",
+        metadata,
+        Column("name", Text, nullable=False),
+        Column("is_paused", Boolean, nullable=False, server_default=text("false")),
+        Column("concurrency_limit", Integer),
+        Column("rate_limit", Integer),
+        Column("rate_interval_seconds", Double),
+        Column("max_depth", Integer),
+        Column("created_at", tz, nullable=False, server_default=_now()),
+        Column("updated_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("name", name="queues_pkey"),
+        CheckConstraint(
+            "concurrency_limit IS NULL OR concurrency_limit > 0", name="queues_concurrency_check"
+        ),
+        CheckConstraint("max_depth IS NULL OR max_depth > 0", name="queues_max_depth_check"),
+    )
+
+    Table(
+        "queue_throughput",
+        metadata,
+        Column("queue", Text, nullable=False),
+        Column("minute", tz, nullable=False),
+        Column("completed", BigInteger, nullable=False, server_default=text("0")),
+        Column("retried", BigInteger, nullable=False, server_default=text("0")),
+        Column("failed", BigInteger, nullable=False, server_default=text("0")),
+        PrimaryKeyConstraint("queue", "minute", name="queue_throughput_pkey"),
+    )
+
+    Table(
+        "processes",
+        metadata,
+        Column("id", UUID, nullable=False),
+        Column("kind", Text, nullable=False),
+        Column("host", Text, nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("queues", ARRAY(Text), nullable=False),
+        Column("concurrency", Integer, nullable=False),
+        Column("started_at", tz, nullable=False, server_default=_now()),
+        Column("heartbeat_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("id", name="processes_pkey"),
+        CheckConstraint("kind IN ('worker', 'relay')", name="processes_kind_check"),
+        Index("processes_heartbeat_idx", "heartbeat_at"),
+    )
+    return metadata

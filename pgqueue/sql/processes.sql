@@ -1,0 +1,30 @@
+-- Named queries on the processes table (live workers and relays) and queue bookkeeping.
+
+-- name: heartbeat_process
+-- Proof of life for the workers view; re-inserts the row if maintenance pruned it.
+INSERT INTO {schema}.processes (id, kind, host, pid, queues, concurrency)
+VALUES (%(id)s, %(kind)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+
+-- name: unregister_process
+-- A clean exit removes the row at once instead of waiting for pruning.
+DELETE FROM {schema}.processes WHERE id = %(id)s
+
+-- name: prune_processes
+-- Forget processes silent for longer than the given number of seconds.
+DELETE FROM {schema}.processes
+WHERE heartbeat_at < now() - make_interval(secs => %(stale_seconds)s)
+
+-- name: register_queues
+-- Make the served queues visible (and pausable) even before their first job.
+INSERT INTO {schema}.queues (name)
+SELECT unnest(%(queues)s::text[]) ORDER BY 1
+ON CONFLICT (name) DO NOTHING
+
+-- name: prune_throughput
+-- Keep a day of per-minute counters.
+DELETE FROM {schema}.queue_throughput WHERE minute < now() - interval '1 day'
+
+-- name: database_now
+-- The database clock, for callers that must not trust their own.
+SELECT now() AS now

@@ -1,0 +1,228 @@
+"""The worker's gateway to its tables: claim, settle, heartbeat and rescue, batched."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgqueue import db
+from pgqueue.outcome import Outcome
+
+log = logging.getLogger("pgqueue.worker")
+
+
+@dataclass
+class Settlement:
+    """Outcomes waiting to be written, grouped by the statement that writes them."""
+
+    complete: list[tuple[int, UUID]] = field(default_factory=list)
+    retry: list[tuple[int, UUID, Outcome]] = field(default_factory=list)
+    fail: list[tuple[int, UUID, Outcome]] = field(default_factory=list)
+    release: list[tuple[int, UUID]] = field(default_factory=list)
+
+    def add(self, job_id: int, token: UUID, outcome: Outcome) -> None:
+        if outcome.kind == "complete":
+            self.complete.append((job_id, token))
+        elif outcome.kind in ("retry", "snooze"):
+            self.retry.append((job_id, token, outcome))
+        elif outcome.kind == "fail":
+            self.fail.append((job_id, token, outcome))
+        else:
+            self.release.append((job_id, token))
+
+    def __len__(self) -> int:
+        return len(self.complete) + len(self.retry) + len(self.fail) + len(self.release)
+
+    def ids(self) -> set[int]:
+        found = {i for i, _ in self.complete} | {i for i, _ in self.release}
+        return found | {i for i, _, _ in self.retry} | {i for i, _, _ in self.fail}
+
+
+class Reconnecting:
+    """One pgqueue-owned async session that reconnects with jittered, capped backoff."""
+
+    def __init__(self, dsn: str, role: str) -> None:
+        self._dsn = dsn
+        self._role = role
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._failures = 0
+
+    async def get(self) -> psycopg.AsyncConnection[Any]:
+        while self._conn is None or self._conn.closed:
+            try:
+                self._conn = await db.connect_async(self._dsn, self._role)
+                if self._failures:
+                    log.info("database connection restored (%s)", self._role)
+                self._failures = 0
+            except Exception as exc:
+                self._failures += 1
+                delay = random.uniform(0, min(30.0, 0.2 * 2 ** min(self._failures, 8)))
+                # One line at the first failure and then every tenth: no log flood.
+                if self._failures == 1 or self._failures % 10 == 0:
+                    log.warning(
+                        "cannot connect (%s), attempt %d, next in %.1fs: %s",
+                        self._role,
+                        self._failures,
+                        delay,
+                        db.translate_error(exc),
+                    )
+                await asyncio.sleep(delay)
+        return self._conn
+
+    async def discard(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.close()
+            except Exception:  # noqa: BLE001 - the session is already broken
+                pass
+        self._conn = None
+
+    async def close(self) -> None:
+        await self.discard()
+
+
+class JobStore:
+    """Async claim and settle on two sessions, so acks never wait behind a claim."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._queries = db.queries(schema)
+        self._claimer = Reconnecting(dsn, "worker")
+        self._settler = Reconnecting(dsn, "worker")
+
+    async def close(self) -> None:
+        await self._claimer.close()
+        await self._settler.close()
+
+    async def _run(
+        self, session: Reconnecting, name: str, params: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        conn = await session.get()
+        try:
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                await cursor.execute(self._queries[name].text, params)  # type: ignore[arg-type]
+                return await cursor.fetchall() if cursor.description else []
+        except psycopg.Error as exc:
+            if conn.closed or db.is_connection_error(exc):
+                await session.discard()
+            raise db.translate_error(exc) from exc
+
+    async def execute(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run any named query on the claiming session (bookkeeping at start and stop)."""
+        return await self._run(self._claimer, name, params)
+
+    async def claim(
+        self,
+        queue: str,
+        limit: int,
+        *,
+        worker_id: UUID,
+        lease_seconds: float,
+        task_max_attempts: Mapping[str, int],
+        default_max_attempts: int,
+    ) -> list[dict[str, Any]]:
+        return await self._run(
+            self._claimer,
+            "claim_jobs",
+            {
+                "queue": queue,
+                "limit": limit,
+                "worker_id": worker_id,
+                "lease_seconds": lease_seconds,
+                "task_names": list(task_max_attempts),
+                "task_max_attempts": list(task_max_attempts.values()),
+                "default_max_attempts": default_max_attempts,
+            },
+        )
+
+    async def settle(self, batch: Settlement) -> set[int]:
+        """Write every outcome of ``batch``; return the ids whose lease still held."""
+        conn = await self._settler.get()
+        written: set[int] = set()
+        try:
+            # Pipeline mode: the statements travel together, one round trip for all.
+            async with conn.pipeline():
+                cursors = []
+                for name, params in self._statements(batch):
+                    cursor = conn.cursor(row_factory=dict_row)
+                    await cursor.execute(self._queries[name].text, params)  # type: ignore[arg-type]
+                    cursors.append(cursor)
+            for cursor in cursors:
+                written.update(row["id"] for row in await cursor.fetchall())
+        except psycopg.Error as exc:
+            if conn.closed or db.is_connection_error(exc):
+                await self._settler.discard()
+            raise db.translate_error(exc) from exc
+        return written
+
+    @staticmethod
+    def _statements(batch: Settlement) -> Sequence[tuple[str, dict[str, Any]]]:
+        statements: list[tuple[str, dict[str, Any]]] = []
+        if batch.complete:
+            ids, tokens = zip(*batch.complete)
+            statements.append(("complete_jobs", {"ids": list(ids), "tokens": list(tokens)}))
+        if batch.retry:
+            statements.append(
+                (
+                    "retry_jobs",
+                    {
+                        "ids": [i for i, _, _ in batch.retry],
+                        "tokens": [t for _, t, _ in batch.retry],
+                        "delays": [o.delay_seconds for _, _, o in batch.retry],
+                        "errors": [o.error for _, _, o in batch.retry],
+                        "snoozes": [o.kind == "snooze" for _, _, o in batch.retry],
+                    },
+                )
+            )
+        if batch.fail:
+            statements.append(
+                (
+                    "fail_jobs",
+                    {
+                        "ids": [i for i, _, _ in batch.fail],
+                        "tokens": [t for _, t, _ in batch.fail],
+                        "reasons": [o.reason for _, _, o in batch.fail],
+                        "errors": [o.error for _, _, o in batch.fail],
+                    },
+                )
+            )
+        if batch.release:
+            ids, tokens = zip(*batch.release)
+            statements.append(("release_jobs", {"ids": list(ids), "tokens": list(tokens)}))
+        return statements
+
+
+class MaintenanceSession:
+    """A sync session for the heartbeat thread: leases, liveness and rescue."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._dsn = dsn
+        self._queries = db.queries(schema)
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def run(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self._dsn, "worker-heartbeat")
+        try:
+            with self._conn.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(self._queries[name].text, params)  # type: ignore[arg-type]
+                return cursor.fetchall() if cursor.description else []
+        except psycopg.Error as exc:
+            if self._conn.closed or db.is_connection_error(exc):
+                self.close()
+            raise db.translate_error(exc) from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - already broken
+                pass
+        self._conn = None

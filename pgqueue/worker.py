@@ -1,0 +1,623 @@
+"""The worker: claim in batches, run handlers, settle outcomes in batches, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import queue as queue_module
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgqueue import db
+from pgqueue.app import DEFAULT_MAX_ATTEMPTS, App, Task
+from pgqueue.config import resolve_schema
+from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
+from pgqueue.heartbeat import HeartbeatThread
+from pgqueue.job import Job
+from pgqueue.listener import Listener
+from pgqueue.names import queue_name
+from pgqueue.outcome import RELEASE, Outcome, decide, format_error
+from pgqueue.store import JobStore, Settlement
+from pgqueue.threads import interrupt_thread
+
+log = logging.getLogger("pgqueue.worker")
+
+
+class JobTimeout(Exception):  # noqa: N818 - reads as the event it reports
+    """A handler ran past its hard timeout."""
+
+
+@dataclass
+class WorkerSettings:
+    """Tuning knobs; durations in seconds. The defaults suit most deployments."""
+
+    concurrency: int = 10
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float | None = None  # default: a third of the lease
+    rescue_seconds: float | None = None  # default: half the lease
+    poll_seconds: float = 1.0
+    shutdown_grace_seconds: float = 30.0
+    listen: bool = True
+    batch_size: int | None = None  # default: concurrency
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if not self.lease_seconds > 0:
+            raise ValueError("lease_seconds must be > 0")
+        if not self.poll_seconds > 0:
+            raise ValueError("poll_seconds must be > 0")
+
+
+@dataclass
+class _Running:
+    job: Job
+    task: asyncio.Task[None] | None = None
+    thread: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerStats:
+    """Counters since start, for the CLI, the demo and tests."""
+
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+    lost: int = 0
+
+
+class Worker:
+    """Runs the tasks of ``app`` from ``queues`` (default: every queue the app names).
+
+    >>> pgqueue.Worker(app, dsn, queues=["email"], settings=WorkerSettings(concurrency=16)).run()
+    """
+
+    def __init__(
+        self,
+        app: App,
+        dsn: str,
+        *,
+        queues: list[str] | None = None,
+        schema: str | None = None,
+        settings: WorkerSettings | None = None,
+    ) -> None:
+        self.app = app
+        self.dsn = dsn
+        self.schema = resolve_schema(schema or app.schema)
+        self.queues = [queue_name(q) for q in (queues or app.queues() or ["default"])]
+        self.settings = settings or WorkerSettings()
+        self.id = uuid.uuid4()
+        self.stats = WorkerStats()
+        self.exit_code = 0
+        self._store = JobStore(dsn, self.schema)
+        self._running: dict[int, _Running] = {}
+        # id -> lease token of every job whose outcome is not yet written: the heartbeat
+        # thread keeps these leases alive, so a slow settle never loses a finished job.
+        self.leases: dict[int, uuid.UUID] = {}
+        self.lost: set[int] = set()
+        self._pending = Settlement()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._capacity: asyncio.Event | None = None
+        self._settle_wake: asyncio.Event | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.settings.concurrency * 2, thread_name_prefix="pgqueue-job"
+        )
+        self._abandoned_threads = 0
+        self._sync_connections: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
+        self._async_connections: list[Any] = []
+        self._task_max_attempts = {name: t.max_attempts for name, t in app.tasks.items()}
+        self._signatures = {name: inspect.signature(t.handler) for name, t in app.tasks.items()}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self, *, install_signals: bool = True) -> int:
+        """Run until SIGTERM/SIGINT (first: graceful; second: immediate exit)."""
+        return asyncio.run(self.run_async(install_signals=install_signals))
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown; safe to call from any thread or a signal handler."""
+        loop = self._loop
+        if loop is not None and self._stop_event is not None:
+            loop.call_soon_threadsafe(self._stop_event.set)
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stopping:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(130 if signum == signal.SIGINT else 143)
+        log.info(
+            "%s: stopping claims, finishing in-flight jobs (grace %.0fs)",
+            signal.Signals(signum).name,
+            self.settings.shutdown_grace_seconds,
+        )
+        assert self._stop_event is not None
+        self._stop_event.set()
+
+    async def run_async(self, *, install_signals: bool = False) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self._settle_wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(signum, self._on_signal, signum)
+        heartbeat = HeartbeatThread(self)
+        background: list[asyncio.Task[Any]] = []
+        try:
+            await self._store.execute("register_queues", {"queues": self.queues})
+            heartbeat.start()
+            background.append(asyncio.create_task(self._settle_loop(), name="settle"))
+            if self.settings.listen:
+                channels = [db.channel(self.schema, q) for q in self.queues]
+                listener = Listener(self.dsn, channels, self._wake.set, role="worker-listen")
+                background.append(asyncio.create_task(listener.run(), name="listen"))
+            log.info(
+                "worker %s started: queues=%s concurrency=%d",
+                self.id,
+                ",".join(self.queues),
+                self.settings.concurrency,
+            )
+            fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
+            stop = asyncio.create_task(self._stop_event.wait())
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            self._stopping = True
+            self._wake.set()
+            self._capacity.set()
+            if not fetch.done():
+                await fetch
+            stop.cancel()
+            fetch.result()
+            await self._drain()
+        except SchemaNotReady as exc:
+            log.error("%s", exc)
+            self.exit_code = 3
+        finally:
+            self._stopping = True
+            heartbeat.stop()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.to_thread(heartbeat.join, 10)
+            try:
+                await asyncio.wait_for(
+                    self._store.execute("unregister_process", {"id": self.id}), timeout=5
+                )
+            except Exception:  # noqa: BLE001 - best effort; maintenance prunes it anyway
+                pass
+            await self._store.close()
+            await self._close_pools()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker %s stopped: %s", self.id, self.stats)
+        return self.exit_code
+
+    async def _drain(self) -> None:
+        """Let in-flight jobs finish within the grace period, then release the rest."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+        while self._running and time.monotonic() < deadline:
+            assert self._capacity is not None
+            self._capacity.clear()
+            try:
+                await asyncio.wait_for(self._capacity.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        for running in list(self._running.values()):
+            job = running.job
+            log.warning("releasing job %d (%s): shutdown grace period over", job.id, job.task)
+            self._record(job, RELEASE)
+            if running.task is not None:
+                running.task.cancel()
+            self._running.pop(job.id, None)
+        await self._flush_pending(final=True)
+
+    # ------------------------------------------------------------ claiming
+
+    async def _fetch_loop(self) -> None:
+        assert self._wake is not None and self._capacity is not None
+        batch_size = self.settings.batch_size or self.settings.concurrency
+        failures = 0
+        rotation = 0
+        while not self._stopping:
+            free = self.settings.concurrency - len(self._running)
+            if free <= 0:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            if self._abandoned_threads >= self.settings.concurrency:
+                log.error(
+                    "%d handler threads are stuck past their timeout: exiting so a "
+                    "supervisor restarts this worker",
+                    self._abandoned_threads,
+                )
+                self.exit_code = 4
+                return
+            self._wake.clear()
+            claimed_any = False
+            is_full = False
+            try:
+                order = self.queues[rotation:] + self.queues[:rotation]
+                rotation = (rotation + 1) % len(self.queues)
+                for queue in order:
+                    limit = min(free, batch_size)
+                    rows = await self._store.claim(
+                        queue,
+                        limit,
+                        worker_id=self.id,
+                        lease_seconds=self.settings.lease_seconds,
+                        task_max_attempts=self._task_max_attempts,
+                        default_max_attempts=DEFAULT_MAX_ATTEMPTS,
+                    )
+                    failures = 0
+                    for row in rows:
+                        self._start(row)
+                    claimed_any = claimed_any or bool(rows)
+                    is_full = is_full or len(rows) == limit
+                    free -= len(rows)
+                    if free <= 0 or self._stopping:
+                        break
+            except SchemaNotReady:
+                raise
+            except DatabaseError as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("claim failed (%s); retrying with backoff", exc)
+                await asyncio.sleep(min(10.0, 0.1 * 2 ** min(failures, 7)))
+                continue
+            if is_full:
+                await asyncio.sleep(0)
+                continue
+            if claimed_any:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    def _start(self, row: dict[str, Any]) -> None:
+        job = Job(
+            id=row["id"],
+            queue=row["queue"],
+            task=row["task"],
+            args=row["args"],
+            headers=row["headers"] or {},
+            priority=row["priority"],
+            attempt=row["attempts"],
+            max_attempts=row["max_attempts"],
+            timeout_seconds=row["timeout_seconds"],
+            lease_token=row["lease_token"],
+            ordering_key=row["ordering_key"],
+            created_at=row["created_at"],
+            run_at=row["run_at"],
+            _provider=self,
+        )
+        self.stats.claimed += 1
+        self.leases[job.id] = job.lease_token
+        running = _Running(job)
+        self._running[job.id] = running
+        running.task = asyncio.create_task(self._execute(running))
+
+    # ------------------------------------------------------------ running
+
+    async def _execute(self, running: _Running) -> None:
+        job = running.job
+        task = self.app.tasks.get(job.task)
+        outcome: Outcome
+        try:
+            if task is None:
+                outcome = Outcome(
+                    "fail",
+                    reason="unknown_task",
+                    error=f"no task named {job.task!r} is registered on this worker's app; "
+                    "deploy a worker that has it, then `pgqueue dlq requeue`",
+                )
+            elif not isinstance(job.args, dict):
+                outcome = Outcome(
+                    "fail",
+                    reason="bad_arguments",
+                    error=f"args must be a JSON object, found {type(job.args).__name__}",
+                )
+            else:
+                outcome = await self._call(running, task)
+        except asyncio.CancelledError:
+            if self._stopping or job.id in self.lost:
+                # Shutdown released it already, or another worker holds it now.
+                self._running.pop(job.id, None)
+                if job.id in self.lost:
+                    self.leases.pop(job.id, None)
+                assert self._capacity is not None
+                self._capacity.set()
+                return
+            raise
+        self._running.pop(job.id, None)
+        assert self._capacity is not None
+        self._capacity.set()
+        if job.is_acknowledged:
+            self.leases.pop(job.id, None)
+            if outcome.kind != "complete":
+                log.warning(
+                    "job %d (%s) failed after job.transaction() committed; it stays completed",
+                    job.id,
+                    job.task,
+                )
+            self.stats.completed += 1
+            return
+        self._record(job, outcome)
+
+    async def _call(self, running: _Running, task: Task[Any, Any]) -> Outcome:
+        job = running.job
+        try:
+            self._signatures[task.name].bind(job, **job.args)
+        except TypeError as exc:
+            return Outcome(
+                "fail",
+                reason="bad_arguments",
+                error=f"arguments do not fit handler {task.name!r}: {exc}",
+            )
+        timeout = job.timeout_seconds or task.timeout_seconds
+        try:
+            if task.is_async:
+                coroutine = task.handler(job, **job.args)
+                if timeout is None:
+                    await coroutine
+                else:
+                    try:
+                        await asyncio.wait_for(coroutine, timeout)
+                    except asyncio.TimeoutError:
+                        raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
+            else:
+                await self._call_sync(running, task, timeout)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in a handler is a job failure
+            if job.id in self.lost:
+                return Outcome("fail", reason="lease_lost", error=format_error(exc))
+            return decide(
+                exc,
+                attempt=job.attempt,
+                max_attempts=job.max_attempts,
+                policy=task.retry,
+                non_retryable=task.non_retryable,
+            )
+        return decide(None, attempt=job.attempt, max_attempts=job.max_attempts, policy=task.retry)
+
+    async def _call_sync(self, running: _Running, task: Task[Any, Any], timeout: float | None) -> None:
+        job = running.job
+        slot = running.thread
+        slot["lock"] = threading.Lock()
+
+        def call() -> None:
+            with slot["lock"]:
+                slot["ident"] = threading.get_ident()
+            try:
+                task.handler(job, **job.args)
+            finally:
+                with slot["lock"]:
+                    slot["done"] = True
+
+        assert self._loop is not None
+        future = self._loop.run_in_executor(self._executor, call)
+        if timeout is None:
+            await future
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            self._abandon(slot, future)
+            raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
+
+    def _abandon(self, slot: dict[str, Any], future: asyncio.Future[None]) -> None:
+        """Give up on a sync handler past its timeout: interrupt it and stop waiting."""
+        with slot["lock"]:
+            if not slot.get("done") and "ident" in slot:
+                interrupt_thread(slot["ident"], JobTimeout)
+        self._abandoned_threads += 1
+
+        def finished(_: asyncio.Future[None]) -> None:
+            self._abandoned_threads -= 1
+
+        future.add_done_callback(finished)
+
+    # ------------------------------------------------------------ settling
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        if job.id in self.lost:
+            log.warning(
+                "job %d (%s) attempt %d: lease lost, result discarded", job.id, job.task, job.attempt
+            )
+            self.leases.pop(job.id, None)
+            return
+        self._pending.add(job.id, job.lease_token, outcome)
+        if outcome.kind == "fail":
+            log.warning(
+                "job %d (%s) dead-lettered after attempt %d/%d (%s): %s",
+                job.id,
+                job.task,
+                job.attempt,
+                job.max_attempts,
+                outcome.reason,
+                (outcome.error or "").splitlines()[0] if outcome.error else "",
+            )
+        elif outcome.kind in ("retry", "snooze"):
+            log.info(
+                "job %d (%s) attempt %d/%d: %s in %.2fs: %s",
+                job.id,
+                job.task,
+                job.attempt,
+                job.max_attempts,
+                outcome.kind,
+                outcome.delay_seconds,
+                (outcome.error or "").splitlines()[0] if outcome.error else "",
+            )
+        assert self._settle_wake is not None
+        self._settle_wake.set()
+
+    async def _settle_loop(self) -> None:
+        assert self._settle_wake is not None
+        while True:
+            await self._settle_wake.wait()
+            self._settle_wake.clear()
+            await self._flush_pending()
+
+    async def _flush_pending(self, *, final: bool = False) -> None:
+        failures = 0
+        while len(self._pending):
+            batch, self._pending = self._pending, Settlement()
+            try:
+                written = await self._store.settle(batch)
+            except DatabaseError as exc:
+                failures += 1
+                # Keep the outcomes: leases stay alive through the heartbeat thread, and a
+                # job whose lease expires meanwhile is rescued and run again (at least once).
+                merged = batch
+                for job_id, token, outcome in _entries(self._pending):
+                    merged.add(job_id, token, outcome)
+                self._pending = merged
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("could not write %d job outcomes (%s); retrying", len(batch), exc)
+                if final and failures >= 5:
+                    log.error("giving up on %d outcomes at shutdown; leases will expire", len(batch))
+                    return
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                continue
+            self._count(batch, written)
+
+    def _count(self, batch: Settlement, written: set[int]) -> None:
+        for job_id, _token, outcome in _entries(batch):
+            self.leases.pop(job_id, None)
+            if job_id not in written:
+                self.stats.lost += 1
+                log.warning(
+                    "job %d: outcome %r not written, the lease was lost (another worker "
+                    "holds the job or it was rescued)",
+                    job_id,
+                    outcome.kind,
+                )
+                continue
+            if outcome.kind == "complete":
+                self.stats.completed += 1
+            elif outcome.kind in ("retry", "snooze"):
+                self.stats.retried += 1
+            elif outcome.kind == "fail":
+                self.stats.failed += 1
+            else:
+                self.stats.released += 1
+
+    def on_lease_lost(self, job_ids: set[int]) -> None:
+        """Called (thread-safely) when heartbeats find leases taken over."""
+        for job_id in job_ids:
+            if job_id in self.lost:
+                continue
+            self.lost.add(job_id)
+            running = self._running.get(job_id)
+            log.warning("job %d: lease lost; its result will be discarded", job_id)
+            if running is not None and running.task is not None and self.app.tasks.get(
+                running.job.task, None
+            ) is not None and self.app.tasks[running.job.task].is_async:
+                running.task.cancel()
+
+    # ------------------------------------------------------------ job.transaction()
+
+    def transaction(self, job: Job) -> JobTransaction:
+        return JobTransaction(self, job)
+
+    async def _close_pools(self) -> None:
+        while not self._sync_connections.empty():
+            conn = self._sync_connections.get_nowait()
+            await asyncio.to_thread(conn.close)
+        for conn in self._async_connections:
+            await conn.close()
+        self._async_connections.clear()
+
+
+class JobTransaction:
+    """``with``/``async with``: a transaction that also acknowledges the job (fenced)."""
+
+    def __init__(self, worker: Worker, job: Job) -> None:
+        self._worker = worker
+        self._job = job
+        self._conn: Any = None
+        self._query = db.queries(worker.schema)["complete_job_in_transaction"]
+
+    def _params(self) -> dict[str, Any]:
+        return {"id": self._job.id, "token": self._job.lease_token}
+
+    def __enter__(self) -> Any:
+        try:
+            self._conn = self._worker._sync_connections.get_nowait()
+        except queue_module.Empty:
+            self._conn = db.connect(self._worker.dsn, "worker-tx", autocommit=False)
+        return self._conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        conn = self._conn
+        try:
+            if exc_type is not None:
+                conn.rollback()
+                return
+            rows = db.run_sync(conn, self._query, self._params())
+            if not rows:
+                conn.rollback()
+                raise LeaseLost(
+                    f"job {self._job.id}: lease lost before job.transaction() committed; "
+                    "its writes were rolled back"
+                )
+            conn.commit()
+            self._job.is_acknowledged = True
+        finally:
+            if conn.closed or conn.info.transaction_status != 0:
+                conn.close()
+            else:
+                self._worker._sync_connections.put(conn)
+
+    async def __aenter__(self) -> Any:
+        if self._worker._async_connections:
+            self._conn = self._worker._async_connections.pop()
+        else:
+            self._conn = await db.connect_async(self._worker.dsn, "worker-tx", autocommit=False)
+        return self._conn
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        conn = self._conn
+        try:
+            if exc_type is not None:
+                await conn.rollback()
+                return
+            rows = await db.run_async(conn, self._query, self._params())
+            if not rows:
+                await conn.rollback()
+                raise LeaseLost(
+                    f"job {self._job.id}: lease lost before job.transaction() committed; "
+                    "its writes were rolled back"
+                )
+            await conn.commit()
+            self._job.is_acknowledged = True
+        finally:
+            if conn.closed or conn.info.transaction_status != 0:
+                await conn.close()
+            else:
+                self._worker._async_connections.append(conn)
+
+
+def _entries(batch: Settlement) -> list[tuple[int, uuid.UUID, Outcome]]:
+    entries: list[tuple[int, uuid.UUID, Outcome]] = []
+    entries.extend((i, t, Outcome("complete")) for i, t in batch.complete)
+    entries.extend(batch.retry)
+    entries.extend(batch.fail)
+    entries.extend((i, t, RELEASE) for i, t in batch.release)
+    return entries
+
+
+def hostname() -> str:
+    return socket.gethostname()
