@@ -107,6 +107,7 @@ class Worker:
         self.lost: set[int] = set()
         self._pending = Settlement()
         self._stopping = False
+        self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._capacity: asyncio.Event | None = None
@@ -128,7 +129,8 @@ class Worker:
         return asyncio.run(self.run_async(install_signals=install_signals))
 
     def request_stop(self) -> None:
-        """Begin a graceful shutdown; safe to call from any thread or a signal handler."""
+        """Begin a graceful shutdown; safe to call from any thread, even before ``run``."""
+        self._stop_requested = True
         loop = self._loop
         if loop is not None and self._stop_event is not None:
             loop.call_soon_threadsafe(self._stop_event.set)
@@ -151,6 +153,8 @@ class Worker:
         self._capacity = asyncio.Event()
         self._settle_wake = asyncio.Event()
         self._stop_event = asyncio.Event()
+        if self._stop_requested:
+            self._stop_event.set()
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(signum, self._on_signal, signum)

@@ -1,0 +1,232 @@
+"""Enqueue on every supported connection type, inside the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+import pgqueue
+from pgqueue.errors import PayloadTooLarge
+
+Enqueuer = Callable[[str, bool], Awaitable[None]]
+
+
+def _sa_url(dsn: str) -> str:
+    return "postgresql+psycopg://" + dsn.split("://", 1)[1]
+
+
+async def _psycopg_sync(dsn: str, commit: bool) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("INSERT INTO orders VALUES (1)")
+        pgqueue.enqueue(conn, "send_receipt", {"order_id": 1}, queue="email")
+        pgqueue.enqueue_many(conn, [("send_receipt", {"order_id": 2})], queue="email")
+        conn.commit() if commit else conn.rollback()
+
+
+async def _psycopg_async(dsn: str, commit: bool) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute("INSERT INTO orders VALUES (1)")
+        await pgqueue.enqueue_async(conn, "send_receipt", {"order_id": 1}, queue="email")
+        await pgqueue.enqueue_many_async(conn, [("send_receipt", {"order_id": 2})], queue="email")
+        await (conn.commit() if commit else conn.rollback())
+
+
+async def _sa_connection(dsn: str, commit: bool) -> None:
+    engine = create_engine(_sa_url(dsn))
+    with engine.connect() as conn:
+        conn.execute(text("INSERT INTO orders VALUES (1)"))
+        pgqueue.enqueue(conn, "send_receipt", {"order_id": 1}, queue="email")
+        pgqueue.enqueue_many(conn, [("send_receipt", {"order_id": 2})], queue="email")
+        conn.commit() if commit else conn.rollback()
+    engine.dispose()
+
+
+async def _sa_session(dsn: str, commit: bool) -> None:
+    engine = create_engine(_sa_url(dsn))
+    with Session(engine) as session:
+        session.execute(text("INSERT INTO orders VALUES (1)"))
+        pgqueue.enqueue(session, "send_receipt", {"order_id": 1}, queue="email")
+        pgqueue.enqueue_many(session, [("send_receipt", {"order_id": 2})], queue="email")
+        session.commit() if commit else session.rollback()
+    engine.dispose()
+
+
+async def _sa_async_connection(dsn: str, commit: bool) -> None:
+    engine = create_async_engine(_sa_url(dsn))
+    async with engine.connect() as conn:
+        await conn.execute(text("INSERT INTO orders VALUES (1)"))
+        await pgqueue.enqueue_async(conn, "send_receipt", {"order_id": 1}, queue="email")
+        await pgqueue.enqueue_many_async(conn, [("send_receipt", {"order_id": 2})], queue="email")
+        await (conn.commit() if commit else conn.rollback())
+    await engine.dispose()
+
+
+async def _sa_async_session(dsn: str, commit: bool) -> None:
+    engine = create_async_engine(_sa_url(dsn))
+    async with AsyncSession(engine) as session:
+        await session.execute(text("INSERT INTO orders VALUES (1)"))
+        await pgqueue.enqueue_async(session, "send_receipt", {"order_id": 1}, queue="email")
+        await pgqueue.enqueue_many_async(
+            session, [("send_receipt", {"order_id": 2})], queue="email"
+        )
+        await (session.commit() if commit else session.rollback())
+    await engine.dispose()
+
+
+KINDS = [
+    pytest.param(_psycopg_sync, id="psycopg"),
+    pytest.param(_psycopg_async, id="psycopg-async"),
+    pytest.param(_sa_connection, id="sqlalchemy-connection"),
+    pytest.param(_sa_session, id="sqlalchemy-session"),
+    pytest.param(_sa_async_connection, id="sqlalchemy-async-connection"),
+    pytest.param(_sa_async_session, id="sqlalchemy-async-session"),
+]
+
+
+def _counts(dsn: str) -> tuple[int, int]:
+    with psycopg.connect(dsn) as conn:
+        orders = conn.execute("SELECT count(*) FROM orders").fetchone()
+        jobs = conn.execute("SELECT count(*) FROM pgqueue.jobs").fetchone()
+    assert orders is not None and jobs is not None
+    return orders[0], jobs[0]
+
+
+@pytest.fixture
+def shop_dsn(dsn: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    return dsn
+
+
+@pytest.mark.parametrize("enqueue_in", KINDS)
+async def test_rollback_leaves_no_job_and_commit_keeps_both(
+    shop_dsn: str, enqueue_in: Callable[[str, bool], Awaitable[None]]
+) -> None:
+    await enqueue_in(shop_dsn, False)
+    assert _counts(shop_dsn) == (0, 0)
+    await enqueue_in(shop_dsn, True)
+    assert _counts(shop_dsn) == (1, 2)
+
+
+def test_options_are_stored_and_delay_uses_the_database_clock(conn: psycopg.Connection[Any]) -> None:
+    job_id = pgqueue.enqueue(
+        conn,
+        "report",
+        {"day": "2026-11-25"},
+        queue="reports",
+        priority=5,
+        delay=timedelta(seconds=90),
+        max_attempts=4,
+        timeout=12.5,
+        headers={"trace": "abc"},
+    )
+    row = conn.execute(
+        "SELECT queue, priority, extract(epoch FROM run_at - now()), max_attempts, "
+        "timeout_seconds, headers, args, state FROM pgqueue.jobs WHERE id = %s",
+        (job_id,),
+    ).fetchone()
+    assert row is not None
+    queue, priority, delay, max_attempts, timeout, headers, args, state = row
+    assert (queue, priority, max_attempts, timeout, state) == ("reports", 5, 4, 12.5, "available")
+    # Same transaction, so now() is the insert's now(): the delay is exact.
+    assert float(delay) == pytest.approx(90, abs=0.001)
+    assert headers == {"trace": "abc"} and args == {"day": "2026-11-25"}
+
+
+def test_run_at_must_be_aware_and_exclusive_with_delay(conn: psycopg.Connection[Any]) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        pgqueue.enqueue(conn, "t", run_at=datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="not both"):
+        pgqueue.enqueue(conn, "t", run_at=datetime.now(timezone.utc), delay=5)
+
+
+def test_enqueue_many_is_one_statement_for_100k_jobs(dsn: str) -> None:
+    executed: list[str] = []
+
+    class CountingCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            executed.append(str(query)[:40])
+            return super().execute(query, params, **kwargs)
+
+    with psycopg.connect(dsn, cursor_factory=CountingCursor) as conn:
+        ids = pgqueue.enqueue_many(conn, (("bulk", {"n": n}) for n in range(100_000)), queue="bulk")
+        conn.commit()
+        assert len(executed) == 1
+        assert len(ids) == 100_000 and ids == sorted(ids)
+        first = conn.execute("SELECT args FROM pgqueue.jobs WHERE id = %s", (ids[0],)).fetchone()
+        last = conn.execute("SELECT args FROM pgqueue.jobs WHERE id = %s", (ids[-1],)).fetchone()
+    assert first == ({"n": 0},) and last == ({"n": 99_999},)
+
+
+def test_bad_input_fails_before_sql_and_keeps_the_transaction_usable(
+    conn: psycopg.Connection[Any],
+) -> None:
+    kept = pgqueue.enqueue(conn, "ok", {"n": 1})
+    with pytest.raises(ValueError, match="invalid queue name 'bad queue'.*letters, digits"):
+        pgqueue.enqueue(conn, "ok", {}, queue="bad queue")
+    with pytest.raises(ValueError, match="invalid task name"):
+        pgqueue.enqueue(conn, "rm -rf", {})
+    with pytest.raises(TypeError, match=r"args\['when'\] is a set"):
+        pgqueue.enqueue(conn, "ok", {"when": {1, 2}})
+    with pytest.raises(PayloadTooLarge):
+        pgqueue.enqueue(conn, "ok", {"blob": "x" * (300 * 1024)})
+    with pytest.raises(TypeError, match=r"jobs\[1\]"):
+        pgqueue.enqueue_many(conn, [("ok", {}), ("ok", {"x": object()})])
+    conn.commit()
+    row = conn.execute("SELECT array_agg(id) FROM pgqueue.jobs").fetchone()
+    assert row == ([kept],)
+
+
+def test_wrong_connection_types_say_what_to_use(dsn: str) -> None:
+    with pytest.raises(TypeError, match="psycopg Connection or a SQLAlchemy"):
+        pgqueue.enqueue(object(), "t", {})
+
+
+async def test_async_twin_rejects_a_sync_connection(conn: psycopg.Connection[Any]) -> None:
+    with pytest.raises(TypeError, match="without _async"):
+        await pgqueue.enqueue_async(conn, "t", {})
+
+
+def test_a_ready_job_notifies_its_queue_once_per_transaction(dsn: str) -> None:
+    from pgqueue.db import channel
+
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as producer:
+        listener.execute(f'LISTEN "{channel("pgqueue", "email")}"')
+        listener.execute(f'LISTEN "{channel("pgqueue", "later")}"')
+        for n in range(5):
+            pgqueue.enqueue(producer, "t", {"n": n}, queue="email")
+        pgqueue.enqueue_many(producer, [("t", {})] * 3, queue="email")
+        pgqueue.enqueue(producer, "t", {}, queue="later", delay=60)
+        producer.commit()
+        received = list(listener.notifies(timeout=1.0))
+    assert [n.channel for n in received] == [channel("pgqueue", "email")]
+    assert received[0].payload == ""
+
+
+def test_task_shortcut_uses_task_defaults(conn: psycopg.Connection[Any]) -> None:
+    app = pgqueue.App()
+
+    @app.task(queue="email", max_attempts=7, timeout=30)
+    def send_receipt(job: pgqueue.Job, order_id: int, copy: bool = False) -> None: ...
+
+    job_id = send_receipt.enqueue(conn, 42, copy=True)
+    later = send_receipt.options(delay=60, priority=3).enqueue(conn, order_id=43)
+    rows = conn.execute(
+        "SELECT id, queue, task, args, max_attempts, timeout_seconds, priority, run_at > now() "
+        "FROM pgqueue.jobs ORDER BY id"
+    ).fetchall()
+    assert rows == [
+        (job_id, "email", "send_receipt", {"order_id": 42, "copy": True}, 7, 30.0, 0, False),
+        (later, "email", "send_receipt", {"order_id": 43}, 7, 30.0, 3, True),
+    ]
+    with pytest.raises(TypeError, match="do not fit its handler"):
+        send_receipt.enqueue(conn, 1, 2, 3)
+
+

@@ -1,0 +1,125 @@
+"""Pure rules: name allow-lists, payload encoding, backoff, outcome decisions."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+import pgqueue
+from pgqueue import names
+from pgqueue.errors import Cancel, NonRetryable, PayloadTooLarge, Retry, Snooze
+from pgqueue.outcome import MAX_ERROR_CHARS, decide, format_error
+from pgqueue.payload import encode
+from pgqueue.retry import RetryPolicy
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(pgqueue.__all__) == sorted(
+        [
+            "App", "Cancel", "ConfigurationError", "DatabaseError", "DuplicateJob", "Job",
+            "JobControl", "JobSpec", "JobTimeout", "LeaseLost", "NonRetryable", "NotFound",
+            "PayloadTooLarge", "PgQueueError", "QueueFull", "Retry", "RetryPolicy",
+            "SchemaNotReady", "Snooze", "Task", "Worker", "WorkerSettings", "__version__",
+            "enqueue", "enqueue_async", "enqueue_many", "enqueue_many_async",
+        ]
+    )
+
+
+@pytest.mark.parametrize("value", ["email", "a", "x" * 48, "billing.v2", "low-prio_1"])
+def test_valid_names_pass(value: str) -> None:
+    assert names.queue_name(value) == value
+    assert names.task_name(value) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "x" * 49, "a b", "q;drop", "q'", 'q"', "$$", "%s", "q\x00", "é", "tab\t"],
+)
+def test_invalid_names_raise_with_the_rule(value: str) -> None:
+    with pytest.raises(ValueError, match="letters, digits"):
+        names.queue_name(value)
+
+
+def test_schema_names_are_stricter() -> None:
+    assert names.schema_name("pgqueue_2") == "pgqueue_2"
+    for bad in ("Pgqueue", "1abc", "a-b", "x" * 31, "pg queue"):
+        with pytest.raises(ValueError, match="lowercase"):
+            names.schema_name(bad)
+
+
+def test_encode_names_the_path_of_a_bad_value() -> None:
+    with pytest.raises(TypeError, match=r"args\['items'\]\[1\]\['when'\] is a object"):
+        encode({"items": [1, {"when": object()}]})
+
+
+def test_encode_rejects_nan_and_surrogates_and_nul() -> None:
+    with pytest.raises(ValueError, match="nan"):
+        encode({"x": math.nan})
+    with pytest.raises(ValueError, match="Unicode"):
+        encode({"x": "\ud800"})
+    with pytest.raises(ValueError, match="NUL"):
+        encode({"x": "a\x00b"})
+
+
+def test_encode_rejects_deep_nesting() -> None:
+    value: object = 1
+    for _ in range(5000):
+        value = [value]
+    with pytest.raises(ValueError, match="deeper"):
+        encode({"x": value})
+
+
+def test_payload_limit_is_checked_before_sql() -> None:
+    with pytest.raises(PayloadTooLarge, match="over the limit of 1024.*reference"):
+        encode({"blob": "x" * 2000}, max_bytes=1024)
+    assert encode({"blob": "x" * 10}, max_bytes=1024) == '{"blob":"xxxxxxxxxx"}'
+
+
+def test_backoff_grows_exponentially_up_to_the_cap() -> None:
+    policy = RetryPolicy(base_seconds=1, multiplier=2, max_seconds=10, jitter=False)
+    assert [policy.delay_seconds(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert policy.delay_seconds(10_000) == 10
+
+
+def test_full_jitter_stays_within_the_ceiling() -> None:
+    policy = RetryPolicy(base_seconds=1, multiplier=2, max_seconds=100)
+    rng = random.Random(7)
+    draws = [policy.delay_seconds(4, rng) for _ in range(2000)]
+    assert 0 <= min(draws) < 0.5 and 7.5 < max(draws) <= 8
+
+
+def test_decide_maps_each_signal() -> None:
+    policy = RetryPolicy(base_seconds=3, jitter=False)
+    assert decide(None, attempt=1, max_attempts=3, policy=policy).kind == "complete"
+    retry = decide(RuntimeError("x"), attempt=1, max_attempts=3, policy=policy)
+    assert (retry.kind, retry.delay_seconds) == ("retry", 3)
+    assert "RuntimeError: x" in (retry.error or "")
+    last = decide(RuntimeError("x"), attempt=3, max_attempts=3, policy=policy)
+    assert (last.kind, last.reason) == ("fail", "max_attempts")
+    assert decide(Retry(7), attempt=1, max_attempts=3, policy=policy).delay_seconds == 7
+    snooze = decide(Snooze(5), attempt=3, max_attempts=3, policy=policy)
+    assert (snooze.kind, snooze.delay_seconds) == ("snooze", 5)
+    assert decide(Cancel("no"), attempt=1, max_attempts=3, policy=policy).reason == "cancelled"
+    assert decide(NonRetryable("x"), attempt=1, max_attempts=3, policy=policy).reason == (
+        "non_retryable"
+    )
+    custom = decide(KeyError("k"), attempt=1, max_attempts=3, policy=policy, non_retryable=(KeyError,))
+    assert custom.reason == "non_retryable"
+
+
+def test_error_text_is_bounded() -> None:
+    try:
+        raise RuntimeError("y" * 50_000)
+    except RuntimeError as exc:
+        text = format_error(exc)
+    assert len(text) <= MAX_ERROR_CHARS
+    assert text.startswith("RuntimeError: yyy") and "characters cut" in text
+
+
+def test_delays_must_be_non_negative() -> None:
+    with pytest.raises(ValueError):
+        Retry(-1)
+    with pytest.raises(ValueError):
+        RetryPolicy(multiplier=0.5)
