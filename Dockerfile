@@ -1,0 +1,10 @@
+FROM python:3.12-slim
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY pgqueue ./pgqueue
+COPY cli ./cli
+COPY migrations ./migrations
+RUN pip install --no-cache-dir . && useradd --system pgqueue
+USER pgqueue
+ENTRYPOINT []
+CMD ["pgqueue", "--help"]
