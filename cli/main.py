@@ -31,7 +31,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-migrate_app = typer.Typer(help="Upgrade the pgqueue schema, or show it.", invoke_without_command=True)
+migrate_app = typer.Typer(
+    help="Upgrade the pgqueue schema, or show it.", invoke_without_command=True
+)
 app.add_typer(migrate_app, name="migrate")
 
 console = Console()
@@ -42,7 +44,10 @@ DsnOption = Annotated[
     typer.Option("--dsn", help="PostgreSQL DSN; default $PGQUEUE_DSN, then $DATABASE_URL."),
 ]
 SchemaOption = Annotated[
-    str | None, typer.Option("--schema", help="Schema of pgqueue's tables; default $PGQUEUE_SCHEMA or pgqueue.")
+    str | None,
+    typer.Option(
+        "--schema", help="Schema of pgqueue's tables; default $PGQUEUE_SCHEMA or pgqueue."
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -98,7 +103,9 @@ def load_app(path: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise typer.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="--app") from None
+        raise typer.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint="--app"
+        ) from None
     found = getattr(module, attribute, None)
     if not isinstance(found, App):
         raise typer.BadParameter(
@@ -116,7 +123,9 @@ def migrate(
     ctx: typer.Context,
     dsn: DsnOption = None,
     schema: SchemaOption = None,
-    sql: Annotated[bool, typer.Option("--sql", help="Print the SQL instead of running it.")] = False,
+    sql: Annotated[
+        bool, typer.Option("--sql", help="Print the SQL instead of running it.")
+    ] = False,
 ) -> None:
     """Upgrade the schema to the newest revision (idempotent; safe to run concurrently)."""
     if ctx.invoked_subcommand is not None:
@@ -139,7 +148,10 @@ def migrate(
 @migrate_app.command("current")
 @friendly
 def migrate_current(
-    ctx: typer.Context, dsn: DsnOption = None, schema: SchemaOption = None, json_output: JsonOption = False
+    ctx: typer.Context,
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Show the revision the database is at, and the newest this pgqueue knows."""
     options = ctx.obj or {}
@@ -161,18 +173,31 @@ def migrate_current(
 def worker(
     app_path: Annotated[str, typer.Option("--app", help="module:attribute of your pgqueue.App.")],
     queue: Annotated[
-        list[str] | None, typer.Option("--queue", "-q", help="Queue to serve (repeatable); default: the app's.")
+        list[str] | None,
+        typer.Option("--queue", "-q", help="Queue to serve (repeatable); default: the app's."),
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs run at once in this process.")] = 10,
-    lease_seconds: Annotated[float, typer.Option(min=0.1, help="Lease length; renewed by heartbeats.")] = 30.0,
-    shutdown_grace: Annotated[float, typer.Option(min=0, help="Seconds in-flight jobs get after SIGTERM.")] = 30.0,
-    poll_seconds: Annotated[float, typer.Option(min=0.01, help="Polling interval (always on).")] = 1.0,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Max jobs per claim; default concurrency.")] = None,
-    listen: Annotated[bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")] = True,
+    lease_seconds: Annotated[
+        float, typer.Option(min=0.1, help="Lease length; renewed by heartbeats.")
+    ] = 30.0,
+    shutdown_grace: Annotated[
+        float, typer.Option(min=0, help="Seconds in-flight jobs get after SIGTERM.")
+    ] = 30.0,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.01, help="Polling interval (always on).")
+    ] = 1.0,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Max jobs per claim; default concurrency.")
+    ] = None,
+    listen: Annotated[
+        bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
+    ] = True,
     dsn: DsnOption = None,
     schema: SchemaOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
-    log_json: Annotated[bool, typer.Option("--log-json", help="One JSON object per log line.")] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="One JSON object per log line.")
+    ] = False,
 ) -> None:
     """Run jobs until SIGTERM (graceful) or a second SIGTERM/SIGINT (immediate)."""
     from pgqueue.worker import Worker, WorkerSettings
@@ -217,8 +242,14 @@ def enqueue(
         raise typer.BadParameter(f"not valid JSON: {exc}", param_hint="--args") from None
     with db.connect(resolve_dsn(dsn), "cli", autocommit=False) as conn:
         job_id = enqueue_job(
-            conn, task, arguments, queue=queue, priority=priority, delay=delay,
-            max_attempts=max_attempts, schema=schema,
+            conn,
+            task,
+            arguments,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            max_attempts=max_attempts,
+            schema=schema,
         )
         conn.commit()
     typer.echo(json.dumps({"id": job_id, "task": task, "queue": queue}) if json_output else job_id)
@@ -226,7 +257,9 @@ def enqueue(
 
 @app.command()
 @friendly
-def status(dsn: DsnOption = None, schema: SchemaOption = None, json_output: JsonOption = False) -> None:
+def status(
+    dsn: DsnOption = None, schema: SchemaOption = None, json_output: JsonOption = False
+) -> None:
     """Per queue: jobs by state, age of the oldest ready job (lag), recent throughput."""
     from pgqueue.status import STATUS_COLUMNS, queue_status
 
@@ -294,20 +327,29 @@ def demo(
         server = LocalPostgres(default_data_dir())
         server.start()
         target = server.dsn()
-        console.print(f"No DSN given: using the embedded PostgreSQL {server.major_version()} in ./.pgqueue")
+        console.print(
+            f"No DSN given: using the embedded PostgreSQL {server.major_version()} in ./.pgqueue"
+        )
     _setup_logging("warning", False)
     try:
         migrations.upgrade(target)
-        console.print(f"Placing {orders} orders; each transaction writes orders and their jobs together…")
+        console.print(
+            f"Placing {orders} orders; each transaction writes orders and their jobs together…"
+        )
         shop.place_orders(target, orders)
         total = shop.remaining(target)
         console.print(f"{total} jobs committed (one order was rolled back: it left no job).")
         with Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console,
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
         ) as progress:
             bar = progress.add_task("running jobs", total=total)
-            shop.run_workers(target, on_progress=lambda left: progress.update(bar, completed=total - left))
+            shop.run_workers(
+                target, on_progress=lambda left: progress.update(bar, completed=total - left)
+            )
         facts = shop.verify(target)
         console.print(
             f"Receipts sent: {facts['receipts_sent']} of {facts['orders']} orders "
@@ -321,7 +363,9 @@ def demo(
                 "SELECT job_id, task, attempts, reason, error FROM pgqueue.dead_letters"
             ).fetchall()
         for job_id, task, attempts, reason, error in dead:
-            console.print(f"dead letter: job {job_id} {task} after {attempts} attempts ({reason}): {error}")
+            console.print(
+                f"dead letter: job {job_id} {task} after {attempts} attempts ({reason}): {error}"
+            )
     finally:
         if server is not None:
             server.stop()

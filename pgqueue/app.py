@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-
 from pgqueue.enqueue import DEFAULT_QUEUE, enqueue, enqueue_async
 from pgqueue.job import Job
 from pgqueue.names import queue_name, task_name
@@ -68,14 +67,18 @@ class Task(Generic[P, R]):
         try:
             bound = signature.bind(None, *args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"arguments for task {self.name!r} do not fit its handler: {exc}") from None
+            raise TypeError(
+                f"arguments for task {self.name!r} do not fit its handler: {exc}"
+            ) from None
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(signature.parameters)))
         for name, parameter in signature.parameters.items():
             if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
                 arguments.update(arguments.pop(name))
             elif parameter.kind is inspect.Parameter.VAR_POSITIONAL and name in arguments:
-                raise TypeError(f"task {self.name!r}: *args handlers cannot be enqueued by position")
+                raise TypeError(
+                    f"task {self.name!r}: *args handlers cannot be enqueued by position"
+                )
         return arguments
 
     def _enqueue_kwargs(self) -> dict[str, Any]:

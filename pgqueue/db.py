@@ -137,9 +137,14 @@ def is_connection_error(exc: BaseException) -> bool:
     """True when the session itself is gone (not just one statement failing)."""
     if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
         return True
-    return isinstance(exc, DatabaseError) and exc.is_transient and (exc.sqlstate or "08")[:2] in (
-        "08",
-        "57",
+    return (
+        isinstance(exc, DatabaseError)
+        and exc.is_transient
+        and (exc.sqlstate or "08")[:2]
+        in (
+            "08",
+            "57",
+        )
     )
 
 

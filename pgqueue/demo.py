@@ -69,9 +69,14 @@ def place_orders(dsn: str, count: int, *, per_transaction: int = 100) -> int:
                     )
                 jobs = [JobSpec("send_receipt", {"order_id": i}, queue="email") for i in ids]
                 jobs += [
-                    JobSpec("charge_card", {"order_id": i, "amount_cents": 1000 + i},
-                            queue="payments", max_attempts=3)
-                    for i in ids if i % 500 == 0
+                    JobSpec(
+                        "charge_card",
+                        {"order_id": i, "amount_cents": 1000 + i},
+                        queue="payments",
+                        max_attempts=3,
+                    )
+                    for i in ids
+                    if i % 500 == 0
                 ]
                 enqueue_many(conn, jobs)
             next_id = ids[-1] + 1

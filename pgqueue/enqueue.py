@@ -50,7 +50,11 @@ def _row(spec: JobSpec, max_payload_bytes: int) -> dict[str, Any]:
             f"got {type(spec.args).__name__}"
         )
     priority = 0 if spec.priority is None else spec.priority
-    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in _PRIORITY_RANGE:
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or priority not in _PRIORITY_RANGE
+    ):
         raise ValueError("priority must be an int from -32768 to 32767 (higher runs first)")
     if spec.run_at is not None and spec.delay is not None:
         raise ValueError("give run_at or delay, not both")
@@ -126,7 +130,15 @@ def _bulk(
             raise TypeError(f"jobs[{index}] must be a JobSpec or a (task, args) tuple")
         merged = {
             key: getattr(spec, key) if getattr(spec, key) is not None else defaults.get(key)
-            for key in ("queue", "priority", "run_at", "delay", "max_attempts", "timeout", "headers")
+            for key in (
+                "queue",
+                "priority",
+                "run_at",
+                "delay",
+                "max_attempts",
+                "timeout",
+                "headers",
+            )
         }
         try:
             row = _row(JobSpec(task=spec.task, args=spec.args, **merged), max_payload_bytes)

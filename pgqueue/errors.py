@@ -1,21 +1,21 @@
 """The exception tree of pgqueue, and the control-flow signals a handler may raise.
 
-    PgQueueError
-    ├── ConfigurationError      bad settings: DSN, app path, schema name
-    ├── SchemaNotReady          the schema is missing or older/newer than this code
-    ├── NotFound                a job, queue or message that does not exist
-    ├── DuplicateJob            a live job already holds this (queue, unique key)
-    ├── QueueFull               the queue is at its configured maximum depth
-    ├── PayloadTooLarge         arguments exceed the maximum payload size
-    ├── LeaseLost               the job's lease was taken over; the result is discarded
-    └── DatabaseError           anything else from PostgreSQL; ``is_transient`` says retry
+PgQueueError
+├── ConfigurationError      bad settings: DSN, app path, schema name
+├── SchemaNotReady          the schema is missing or older/newer than this code
+├── NotFound                a job, queue or message that does not exist
+├── DuplicateJob            a live job already holds this (queue, unique key)
+├── QueueFull               the queue is at its configured maximum depth
+├── PayloadTooLarge         arguments exceed the maximum payload size
+├── LeaseLost               the job's lease was taken over; the result is discarded
+└── DatabaseError           anything else from PostgreSQL; ``is_transient`` says retry
 
-    JobControl (raised by handlers, not errors)
-    ├── Retry(delay)            try again after ``delay``; consumes the attempt
-    ├── Snooze(delay)           try again after ``delay``; gives the attempt back
-    └── Cancel(reason)          stop now: straight to the dead letters
+JobControl (raised by handlers, not errors)
+├── Retry(delay)            try again after ``delay``; consumes the attempt
+├── Snooze(delay)           try again after ``delay``; gives the attempt back
+└── Cancel(reason)          stop now: straight to the dead letters
 
-    NonRetryable                subclass (or raise) for failures no retry can fix
+NonRetryable                subclass (or raise) for failures no retry can fix
 """
 
 from __future__ import annotations
@@ -73,18 +73,20 @@ class DatabaseError(PgQueueError):
         self.sqlstate = sqlstate
 
 
-class NonRetryable(Exception):  # noqa: N818 - a marker users subclass, read as an adjective
+class NonRetryable(Exception):
     """Raise (or subclass) for a failure that no retry can fix: the job is dead-lettered."""
 
 
-class JobControl(Exception):  # noqa: N818 - control flow, not an error
+class JobControl(Exception):
     """Base of the signals a handler raises to steer its job."""
 
 
 def _seconds(delay: float | timedelta) -> float:
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
     if not seconds >= 0:
-        raise ValueError(f"delay must be a non-negative number of seconds or a timedelta, got {delay!r}")
+        raise ValueError(
+            f"delay must be a non-negative number of seconds or a timedelta, got {delay!r}"
+        )
     return seconds
 
 
@@ -94,7 +96,9 @@ class Retry(JobControl):
     With no delay, the task's backoff policy decides.
     """
 
-    def __init__(self, delay: float | timedelta | None = None, reason: str = "retry requested") -> None:
+    def __init__(
+        self, delay: float | timedelta | None = None, reason: str = "retry requested"
+    ) -> None:
         super().__init__(reason)
         self.delay_seconds = None if delay is None else _seconds(delay)
         self.reason = reason

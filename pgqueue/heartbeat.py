@@ -74,7 +74,9 @@ class HeartbeatThread(threading.Thread):
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
                     log.warning("heartbeat failed (%s); will retry", exc)
-            if self._stop_requested.wait(self.interval if not failures else min(self.interval, 1.0)):
+            if self._stop_requested.wait(
+                self.interval if not failures else min(self.interval, 1.0)
+            ):
                 break
         session.close()
 

@@ -45,9 +45,7 @@ class Listener:
         while True:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
-                conn = await asyncio.wait_for(
-                    db.connect_async(self._dsn, self._role), timeout=15.0
-                )
+                conn = await asyncio.wait_for(db.connect_async(self._dsn, self._role), timeout=15.0)
                 for name in self._channels:
                     await conn.execute(db.listen_statement(name))
                 if failures:
@@ -69,7 +67,7 @@ class Listener:
                 if conn is not None:
                     try:
                         await asyncio.wait_for(conn.close(), timeout=2.0)
-                    except Exception:  # noqa: BLE001 - already broken
+                    except Exception:
                         pass
 
     async def _consume(self, conn: psycopg.AsyncConnection[Any]) -> None:

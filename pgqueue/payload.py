@@ -61,7 +61,9 @@ def _explain(value: Any, path: str, depth: int) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise TypeError(f"{path} has a key of type {type(key).__name__}; JSON keys are text")
+                raise TypeError(
+                    f"{path} has a key of type {type(key).__name__}; JSON keys are text"
+                )
             _explain(item, f"{path}[{key!r}]", depth + 1)
         return
     if isinstance(value, (list, tuple)):

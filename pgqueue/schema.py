@@ -1,4 +1,4 @@
-"""The tables of pgqueue, declared once (SQLAlchemy Core); Alembic revisions are checked against them."""
+"""The tables of pgqueue, declared once (SQLAlchemy Core); revisions are checked against them."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.sql.elements import TextClause
 
 from pgqueue.names import schema_name
 

@@ -81,7 +81,7 @@ class Reconnecting:
         if self._conn is not None:
             try:
                 await self._conn.close()
-            except Exception:  # noqa: BLE001 - the session is already broken
+            except Exception:
                 pass
         self._conn = None
 
@@ -166,7 +166,7 @@ class JobStore:
     def _statements(batch: Settlement) -> Sequence[tuple[str, dict[str, Any]]]:
         statements: list[tuple[str, dict[str, Any]]] = []
         if batch.complete:
-            ids, tokens = zip(*batch.complete)
+            ids, tokens = zip(*batch.complete, strict=False)
             statements.append(("complete_jobs", {"ids": list(ids), "tokens": list(tokens)}))
         if batch.retry:
             statements.append(
@@ -194,7 +194,7 @@ class JobStore:
                 )
             )
         if batch.release:
-            ids, tokens = zip(*batch.release)
+            ids, tokens = zip(*batch.release, strict=False)
             statements.append(("release_jobs", {"ids": list(ids), "tokens": list(tokens)}))
         return statements
 
@@ -223,6 +223,6 @@ class MaintenanceSession:
         if self._conn is not None:
             try:
                 self._conn.close()
-            except Exception:  # noqa: BLE001 - already broken
+            except Exception:
                 pass
         self._conn = None

@@ -18,4 +18,4 @@ def interrupt_thread(thread_ident: int, exception: type[BaseException]) -> bool:
     if scheduled > 1:  # more than one thread state matched: undo, as the C API asks
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_ident), None)
         return False
-    return scheduled == 1
+    return bool(scheduled == 1)

@@ -31,7 +31,7 @@ from pgqueue.threads import interrupt_thread
 log = logging.getLogger("pgqueue.worker")
 
 
-class JobTimeout(Exception):  # noqa: N818 - reads as the event it reports
+class JobTimeout(Exception):
     """A handler ran past its hard timeout."""
 
 
@@ -199,7 +199,7 @@ class Worker:
                 await asyncio.wait_for(
                     self._store.execute("unregister_process", {"id": self.id}), timeout=5
                 )
-            except Exception:  # noqa: BLE001 - best effort; maintenance prunes it anyway
+            except Exception:
                 pass
             await self._store.close()
             await self._close_pools()
@@ -384,7 +384,7 @@ class Worker:
                 await self._call_sync(running, task, timeout)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - SystemExit in a handler is a job failure
+        except BaseException as exc:
             if job.id in self.lost:
                 return Outcome("fail", reason="lease_lost", error=format_error(exc))
             return decide(
@@ -396,7 +396,9 @@ class Worker:
             )
         return decide(None, attempt=job.attempt, max_attempts=job.max_attempts, policy=task.retry)
 
-    async def _call_sync(self, running: _Running, task: Task[Any, Any], timeout: float | None) -> None:
+    async def _call_sync(
+        self, running: _Running, task: Task[Any, Any], timeout: float | None
+    ) -> None:
         job = running.job
         slot = running.thread
         slot["lock"] = threading.Lock()
@@ -438,7 +440,10 @@ class Worker:
     def _record(self, job: Job, outcome: Outcome) -> None:
         if job.id in self.lost:
             log.warning(
-                "job %d (%s) attempt %d: lease lost, result discarded", job.id, job.task, job.attempt
+                "job %d (%s) attempt %d: lease lost, result discarded",
+                job.id,
+                job.task,
+                job.attempt,
             )
             self.leases.pop(job.id, None)
             return
@@ -491,7 +496,9 @@ class Worker:
                 if failures == 1 or failures % 20 == 0:
                     log.warning("could not write %d job outcomes (%s); retrying", len(batch), exc)
                 if final and failures >= 5:
-                    log.error("giving up on %d outcomes at shutdown; leases will expire", len(batch))
+                    log.error(
+                        "giving up on %d outcomes at shutdown; leases will expire", len(batch)
+                    )
                     return
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
                 continue
@@ -526,9 +533,12 @@ class Worker:
             self.lost.add(job_id)
             running = self._running.get(job_id)
             log.warning("job %d: lease lost; its result will be discarded", job_id)
-            if running is not None and running.task is not None and self.app.tasks.get(
-                running.job.task, None
-            ) is not None and self.app.tasks[running.job.task].is_async:
+            if (
+                running is not None
+                and running.task is not None
+                and self.app.tasks.get(running.job.task, None) is not None
+                and self.app.tasks[running.job.task].is_async
+            ):
                 running.task.cancel()
 
     # ------------------------------------------------------------ job.transaction()

@@ -33,8 +33,17 @@ def test_migrate_enqueue_status_roundtrip(empty_dsn: str) -> None:
     assert again.returncode == 0 and "already at" in again.stdout
     current = pgqueue("migrate", "current", "--json", env={"DATABASE_URL": empty_dsn})
     assert json.loads(current.stdout)["current"] == json.loads(current.stdout)["head"]
-    queued = pgqueue("enqueue", "send_receipt", "--args", '{"order_id": 1}', "-q", "email",
-                     "--dsn", empty_dsn, "--json")
+    queued = pgqueue(
+        "enqueue",
+        "send_receipt",
+        "--args",
+        '{"order_id": 1}',
+        "-q",
+        "email",
+        "--dsn",
+        empty_dsn,
+        "--json",
+    )
     assert queued.returncode == 0, queued.stderr
     job_id = json.loads(queued.stdout)["id"]
     status = pgqueue("status", "--json", "--dsn", empty_dsn)
@@ -43,9 +52,9 @@ def test_migrate_enqueue_status_roundtrip(empty_dsn: str) -> None:
     table = pgqueue("status", "--dsn", empty_dsn)
     assert "email" in table.stdout
     with psycopg.connect(empty_dsn) as conn:
-        assert conn.execute("SELECT task FROM pgqueue.jobs WHERE id = %s", (job_id,)).fetchone() == (
-            "send_receipt",
-        )
+        assert conn.execute(
+            "SELECT task FROM pgqueue.jobs WHERE id = %s", (job_id,)
+        ).fetchone() == ("send_receipt",)
 
 
 def test_sql_flag_prints_the_migration(empty_dsn: str) -> None:
@@ -62,7 +71,11 @@ def test_unmigrated_database_says_what_to_run(empty_dsn: str) -> None:
 
 def test_wrong_dsn_is_one_line_without_the_password(pg_admin_dsn: str) -> None:
     bad = f"postgresql://nobody:{CANARY}@127.0.0.1:1/nowhere"
-    for args in (("status", "--dsn", bad), ("migrate", "--dsn", bad), ("enqueue", "t", "--dsn", bad)):
+    for args in (
+        ("status", "--dsn", bad),
+        ("migrate", "--dsn", bad),
+        ("enqueue", "t", "--dsn", bad),
+    ):
         result = pgqueue(*args)
         assert result.returncode == 1, result
         assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0

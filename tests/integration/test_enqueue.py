@@ -115,7 +115,9 @@ async def test_rollback_leaves_no_job_and_commit_keeps_both(
     assert _counts(shop_dsn) == (1, 2)
 
 
-def test_options_are_stored_and_delay_uses_the_database_clock(conn: psycopg.Connection[Any]) -> None:
+def test_options_are_stored_and_delay_uses_the_database_clock(
+    conn: psycopg.Connection[Any],
+) -> None:
     job_id = pgqueue.enqueue(
         conn,
         "report",
@@ -169,7 +171,7 @@ def test_bad_input_fails_before_sql_and_keeps_the_transaction_usable(
     conn: psycopg.Connection[Any],
 ) -> None:
     kept = pgqueue.enqueue(conn, "ok", {"n": 1})
-    with pytest.raises(ValueError, match="invalid queue name 'bad queue'.*letters, digits"):
+    with pytest.raises(ValueError, match=r"invalid queue name 'bad queue'.*letters, digits"):
         pgqueue.enqueue(conn, "ok", {}, queue="bad queue")
     with pytest.raises(ValueError, match="invalid task name"):
         pgqueue.enqueue(conn, "rm -rf", {})
@@ -228,5 +230,3 @@ def test_task_shortcut_uses_task_defaults(conn: psycopg.Connection[Any]) -> None
     ]
     with pytest.raises(TypeError, match="do not fit its handler"):
         send_receipt.enqueue(conn, 1, 2, 3)
-
-

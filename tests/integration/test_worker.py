@@ -43,7 +43,9 @@ def test_sync_and_async_handlers_run_once_and_leave_the_hot_table(dsn: str) -> N
         conn.commit()
     with running_worker(app, dsn, concurrency=8) as worker:
         wait_until(lambda: jobs_left(dsn) == 0)
-    assert sorted(seen) == sorted([("sync", n) for n in range(300)] + [("async", n) for n in range(300)])
+    assert sorted(seen) == sorted(
+        [("sync", n) for n in range(300)] + [("async", n) for n in range(300)]
+    )
     assert worker.stats.completed == 600 and worker.stats.lost == 0
     assert scalar(dsn, "SELECT sum(completed) FROM pgqueue.queue_throughput") == 600
     assert scalar(dsn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
@@ -68,7 +70,7 @@ def test_retry_delays_follow_the_policy_on_the_database_clock(dsn: str) -> None:
     assert len(marks) == 3
     # run_at of attempt n+1 minus the database time of failure n is the backoff delay.
     gaps = [(marks[i + 1][0] - marks[i][1]).total_seconds() for i in range(2)]
-    for gap, expected in zip(gaps, [0.4, 0.8]):
+    for gap, expected in zip(gaps, [0.4, 0.8], strict=False):
         assert expected <= gap <= expected + 0.5, gaps
     task, attempts, reason, error = dead(dsn, job_id) or ()
     assert (task, attempts, reason) == ("flaky", 3, "max_attempts")
@@ -97,8 +99,10 @@ def test_retry_snooze_cancel_and_non_retryable(dsn: str) -> None:
         if mode == "marker":
             raise pgqueue.NonRetryable("no")
 
-    ids = {mode: enqueue(dsn, "control", {"mode": mode}) for mode in
-           ("snooze", "retry", "cancel", "unfixable", "marker")}
+    ids = {
+        mode: enqueue(dsn, "control", {"mode": mode})
+        for mode in ("snooze", "retry", "cancel", "unfixable", "marker")
+    }
     with running_worker(app, dsn, poll_seconds=0.05):
         wait_until(lambda: jobs_left(dsn) == 0)
     # Three snoozes did not use up the two attempts: the fourth run is still attempt 1.

@@ -18,11 +18,33 @@ from pgqueue.retry import RetryPolicy
 def test_public_api_is_pinned() -> None:
     assert sorted(pgqueue.__all__) == sorted(
         [
-            "App", "Cancel", "ConfigurationError", "DatabaseError", "DuplicateJob", "Job",
-            "JobControl", "JobSpec", "JobTimeout", "LeaseLost", "NonRetryable", "NotFound",
-            "PayloadTooLarge", "PgQueueError", "QueueFull", "Retry", "RetryPolicy",
-            "SchemaNotReady", "Snooze", "Task", "Worker", "WorkerSettings", "__version__",
-            "enqueue", "enqueue_async", "enqueue_many", "enqueue_many_async",
+            "App",
+            "Cancel",
+            "ConfigurationError",
+            "DatabaseError",
+            "DuplicateJob",
+            "Job",
+            "JobControl",
+            "JobSpec",
+            "JobTimeout",
+            "LeaseLost",
+            "NonRetryable",
+            "NotFound",
+            "PayloadTooLarge",
+            "PgQueueError",
+            "QueueFull",
+            "Retry",
+            "RetryPolicy",
+            "SchemaNotReady",
+            "Snooze",
+            "Task",
+            "Worker",
+            "WorkerSettings",
+            "__version__",
+            "enqueue",
+            "enqueue_async",
+            "enqueue_many",
+            "enqueue_many_async",
         ]
     )
 
@@ -72,7 +94,7 @@ def test_encode_rejects_deep_nesting() -> None:
 
 
 def test_payload_limit_is_checked_before_sql() -> None:
-    with pytest.raises(PayloadTooLarge, match="over the limit of 1024.*reference"):
+    with pytest.raises(PayloadTooLarge, match=r"over the limit of 1024.*reference"):
         encode({"blob": "x" * 2000}, max_bytes=1024)
     assert encode({"blob": "x" * 10}, max_bytes=1024) == '{"blob":"xxxxxxxxxx"}'
 
@@ -105,7 +127,9 @@ def test_decide_maps_each_signal() -> None:
     assert decide(NonRetryable("x"), attempt=1, max_attempts=3, policy=policy).reason == (
         "non_retryable"
     )
-    custom = decide(KeyError("k"), attempt=1, max_attempts=3, policy=policy, non_retryable=(KeyError,))
+    custom = decide(
+        KeyError("k"), attempt=1, max_attempts=3, policy=policy, non_retryable=(KeyError,)
+    )
     assert custom.reason == "non_retryable"
 
 
