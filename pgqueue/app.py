@@ -30,6 +30,9 @@ class EnqueueOptions:
     max_attempts: int | None = None
     timeout: float | timedelta | None = None
     headers: Mapping[str, str] | None = None
+    ordering_key: str | None = None
+    unique_key: str | None = None
+    on_duplicate: str | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -50,6 +53,7 @@ class Task(Generic[P, R]):
     timeout_seconds: float | None = None
     retry: RetryPolicy = DEFAULT_RETRY_POLICY
     non_retryable: tuple[type[BaseException], ...] = ()
+    dead_blocks_key: bool = True
     schema: str | None = None
     call_options: EnqueueOptions = field(default_factory=EnqueueOptions)
 
@@ -127,6 +131,7 @@ class App:
         timeout: float | timedelta | None = None,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         non_retryable: Iterable[type[BaseException]] = (),
+        dead_blocks_key: bool = True,
     ) -> Callable[[Callable[Concatenate[Job, P], R]], Task[P, R]]: ...
 
     def task(
@@ -139,11 +144,15 @@ class App:
         timeout: float | timedelta | None = None,
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         non_retryable: Iterable[type[BaseException]] = (),
+        dead_blocks_key: bool = True,
     ) -> Any:
         """Register a handler. The task name defaults to the function's ``__name__``.
 
         ``timeout`` (seconds or timedelta) is the hard limit of one attempt; ``retry`` the
         backoff policy; ``non_retryable`` exception types skip retries and dead-letter.
+        ``dead_blocks_key``: when a job with an ordering key is dead-lettered, the later jobs
+        of its key wait until an operator requeues or discards it (True, the default), or go
+        on without it (False).
         """
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError("max_attempts must be an int >= 1")
@@ -161,6 +170,7 @@ class App:
                 timeout_seconds=None if timeout_seconds is None else float(timeout_seconds),
                 retry=retry,
                 non_retryable=errors,
+                dead_blocks_key=dead_blocks_key,
                 schema=self.schema,
             )
             if task.name in self.tasks:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pgqueue import db
 from pgqueue.config import resolve_schema
-from pgqueue.names import queue_name, task_name
+from pgqueue.errors import DuplicateJob, QueueFull
+from pgqueue.names import key_value, queue_name, task_name
 from pgqueue.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode
 
 DEFAULT_QUEUE = "default"
 _PRIORITY_RANGE = range(-32768, 32768)
+OnDuplicate = Literal["return", "raise"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,24 @@ class JobSpec:
     max_attempts: int | None = None
     timeout: float | timedelta | None = None
     headers: Mapping[str, str] | None = None
+    ordering_key: str | None = None
+    unique_key: str | None = None
+
+
+_OPTIONS = tuple(f.name for f in fields(JobSpec) if f.name not in ("task", "args"))
+_COLUMNS = (
+    "queue",
+    "task",
+    "args",
+    "headers",
+    "priority",
+    "run_at",
+    "delay",
+    "max_attempts",
+    "timeout_seconds",
+    "ordering_key",
+    "unique_key",
+)
 
 
 def _seconds(name: str, value: float | timedelta | None) -> float | None:
@@ -82,45 +102,24 @@ def _row(spec: JobSpec, max_payload_bytes: int) -> dict[str, Any]:
         "delay": _seconds("delay", spec.delay) or 0.0,
         "max_attempts": spec.max_attempts,
         "timeout_seconds": _seconds("timeout", spec.timeout),
+        "ordering_key": None
+        if spec.ordering_key is None
+        else key_value("ordering_key", spec.ordering_key),
+        "unique_key": None if spec.unique_key is None else key_value("unique_key", spec.unique_key),
     }
 
 
-def _single(
-    task: str,
-    args: Mapping[str, Any] | None,
-    options: Mapping[str, Any],
-    schema: str | None,
-    max_payload_bytes: int,
-) -> tuple[db.Query, dict[str, Any]]:
-    spec = JobSpec(task=task, args=args if args is not None else {}, **options)
-    params = _row(spec, max_payload_bytes)
-    resolved = resolve_schema(schema)
-    params["channel"] = db.channel(resolved, params["queue"])
-    params["ordering_key"] = None
-    params["unique_key"] = None
-    return db.queries(resolved)["insert_job"], params
-
-
-def _bulk(
+def build(
     jobs: Iterable[JobSpec | tuple[str, Mapping[str, Any]]],
     defaults: Mapping[str, Any],
     schema: str | None,
-    max_payload_bytes: int,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> tuple[db.Query, dict[str, Any]] | None:
-    columns: dict[str, list[Any]] = {
-        name: []
-        for name in (
-            "queue",
-            "task",
-            "args",
-            "headers",
-            "priority",
-            "run_at",
-            "delay",
-            "max_attempts",
-            "timeout_seconds",
-        )
-    }
+    """The query and parameters that enqueue ``jobs``; None when there is nothing to do.
+
+    Shared by the sync and async twins; every job is validated before any SQL.
+    """
+    columns: dict[str, list[Any]] = {name: [] for name in _COLUMNS}
     for index, item in enumerate(jobs):
         if isinstance(item, JobSpec):
             spec = item
@@ -129,29 +128,49 @@ def _bulk(
         else:
             raise TypeError(f"jobs[{index}] must be a JobSpec or a (task, args) tuple")
         merged = {
-            key: getattr(spec, key) if getattr(spec, key) is not None else defaults.get(key)
-            for key in (
-                "queue",
-                "priority",
-                "run_at",
-                "delay",
-                "max_attempts",
-                "timeout",
-                "headers",
-            )
+            name: getattr(spec, name) if getattr(spec, name) is not None else defaults.get(name)
+            for name in _OPTIONS
         }
         try:
             row = _row(JobSpec(task=spec.task, args=spec.args, **merged), max_payload_bytes)
         except (TypeError, ValueError) as exc:
+            if len(columns["task"]) == 0 and isinstance(jobs, _Single):
+                raise
             raise type(exc)(f"jobs[{index}]: {exc}") from None
         for name, values in columns.items():
             values.append(row[name])
     if not columns["task"]:
         return None
     resolved = resolve_schema(schema)
-    params: dict[str, Any] = dict(columns)
-    params["schema"] = resolved
-    return db.queries(resolved)["insert_jobs"], params
+    return db.queries(resolved)["enqueue_jobs"], dict(columns)
+
+
+class _Single(list[JobSpec]):
+    """Marks a one-job call, whose errors need no ``jobs[0]:`` prefix."""
+
+
+def interpret(rows: Sequence[Mapping[str, Any]], on_duplicate: OnDuplicate) -> list[int]:
+    """Job ids in input order from the function's result; raise QueueFull/DuplicateJob."""
+    ids: list[int] = []
+    for row in rows:
+        status = row["status"]
+        if status.startswith("queue_full:"):
+            queue = status.partition(":")[2]
+            raise QueueFull(
+                f"queue {queue!r} is at its maximum depth: nothing was enqueued by this call; "
+                "the transaction is still usable (commit what you have, or roll back)"
+            )
+        if status == "duplicate" and on_duplicate == "raise":
+            raise DuplicateJob(
+                f"a live job with this unique key already exists (job {row['job_id']})",
+                job_id=int(row["job_id"]),
+            )
+        ids.append(int(row["job_id"]))
+    return ids
+
+
+def _one(task: str, args: Mapping[str, Any] | None, options: Mapping[str, Any]) -> _Single:
+    return _Single([JobSpec(task=task, args=args if args is not None else {}, **options)])
 
 
 def enqueue(
@@ -166,6 +185,9 @@ def enqueue(
     max_attempts: int | None = None,
     timeout: float | timedelta | None = None,
     headers: Mapping[str, str] | None = None,
+    ordering_key: str | None = None,
+    unique_key: str | None = None,
+    on_duplicate: OnDuplicate = "return",
     schema: str | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> int:
@@ -175,7 +197,9 @@ def enqueue(
     driver). The caller owns the transaction: nothing is committed here, and a rollback
     leaves no job. ``delay`` and ``timeout`` are seconds or timedeltas; ``run_at`` is
     timezone-aware; ``priority`` is higher-first. Unset ``max_attempts``/``timeout`` take the
-    task's defaults at the worker.
+    task's defaults at the worker. Jobs sharing an ``ordering_key`` (per queue) run one at a
+    time in commit order. With a ``unique_key``, a live job with the same key in the queue is
+    returned instead (or ``DuplicateJob`` raised with ``on_duplicate="raise"``).
 
     >>> with psycopg.connect(dsn) as conn, conn.transaction():
     ...     conn.execute("INSERT INTO orders ...")
@@ -189,10 +213,12 @@ def enqueue(
         "max_attempts": max_attempts,
         "timeout": timeout,
         "headers": headers,
+        "ordering_key": ordering_key,
+        "unique_key": unique_key,
     }
-    query, params = _single(task, args, options, schema, max_payload_bytes)
-    rows = db.run_sync(db.sync_connection(conn), query, params)
-    return int(rows[0]["id"])
+    built = build(_one(task, args, options), {}, schema, max_payload_bytes)
+    assert built is not None
+    return interpret(db.run_sync(db.sync_connection(conn), *built), on_duplicate)[0]
 
 
 async def enqueue_async(
@@ -207,6 +233,9 @@ async def enqueue_async(
     max_attempts: int | None = None,
     timeout: float | timedelta | None = None,
     headers: Mapping[str, str] | None = None,
+    ordering_key: str | None = None,
+    unique_key: str | None = None,
+    on_duplicate: OnDuplicate = "return",
     schema: str | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> int:
@@ -219,74 +248,58 @@ async def enqueue_async(
         "max_attempts": max_attempts,
         "timeout": timeout,
         "headers": headers,
+        "ordering_key": ordering_key,
+        "unique_key": unique_key,
     }
-    query, params = _single(task, args, options, schema, max_payload_bytes)
-    rows = await db.run_async(await db.async_connection(conn), query, params)
-    return int(rows[0]["id"])
+    built = build(_one(task, args, options), {}, schema, max_payload_bytes)
+    assert built is not None
+    rows = await db.run_async(await db.async_connection(conn), *built)
+    return interpret(rows, on_duplicate)[0]
 
 
 def enqueue_many(
     conn: Any,
     jobs: Iterable[JobSpec | tuple[str, Mapping[str, Any]]],
     *,
-    queue: str | None = None,
-    priority: int | None = None,
-    run_at: datetime | None = None,
-    delay: float | timedelta | None = None,
-    max_attempts: int | None = None,
-    timeout: float | timedelta | None = None,
-    headers: Mapping[str, str] | None = None,
+    on_duplicate: OnDuplicate = "return",
     schema: str | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    **defaults: Any,
 ) -> list[int]:
-    """Add many jobs in one statement (one round trip) and return their ids in order.
+    """Add many jobs in one round trip and return their ids in input order.
 
-    Every job is validated before any SQL runs, so one bad item enqueues nothing.
+    ``defaults`` are the options of :func:`enqueue` (queue, priority, delay, ...) for every
+    job that does not set its own. Every job is validated before any SQL, so one bad item
+    enqueues nothing; plain jobs go in as one INSERT (100,000 rows: one statement).
 
     >>> pgqueue.enqueue_many(conn, [("send_receipt", {"order_id": i}) for i in range(10_000)])
     """
-    defaults = {
-        "queue": queue,
-        "priority": priority,
-        "run_at": run_at,
-        "delay": delay,
-        "max_attempts": max_attempts,
-        "timeout": timeout,
-        "headers": headers,
-    }
-    built = _bulk(jobs, defaults, schema, max_payload_bytes)
+    _check_defaults(defaults)
+    built = build(jobs, defaults, schema, max_payload_bytes)
     if built is None:
         return []
-    rows = db.run_sync(db.sync_connection(conn), *built)
-    return [int(i) for i in rows[0]["ids"]]
+    return interpret(db.run_sync(db.sync_connection(conn), *built), on_duplicate)
 
 
 async def enqueue_many_async(
     conn: Any,
     jobs: Iterable[JobSpec | tuple[str, Mapping[str, Any]]],
     *,
-    queue: str | None = None,
-    priority: int | None = None,
-    run_at: datetime | None = None,
-    delay: float | timedelta | None = None,
-    max_attempts: int | None = None,
-    timeout: float | timedelta | None = None,
-    headers: Mapping[str, str] | None = None,
+    on_duplicate: OnDuplicate = "return",
     schema: str | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    **defaults: Any,
 ) -> list[int]:
     """The async twin of :func:`enqueue_many`."""
-    defaults = {
-        "queue": queue,
-        "priority": priority,
-        "run_at": run_at,
-        "delay": delay,
-        "max_attempts": max_attempts,
-        "timeout": timeout,
-        "headers": headers,
-    }
-    built = _bulk(jobs, defaults, schema, max_payload_bytes)
+    _check_defaults(defaults)
+    built = build(jobs, defaults, schema, max_payload_bytes)
     if built is None:
         return []
     rows = await db.run_async(await db.async_connection(conn), *built)
-    return [int(i) for i in rows[0]["ids"]]
+    return interpret(rows, on_duplicate)
+
+
+def _check_defaults(defaults: Mapping[str, Any]) -> None:
+    unknown = sorted(set(defaults) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown enqueue option(s) {unknown}: use {', '.join(_OPTIONS)}")

@@ -67,6 +67,7 @@ class HeartbeatThread(threading.Thread):
                     stale = max(60.0, worker.settings.lease_seconds * 4)
                     session.run("prune_processes", {"stale_seconds": stale})
                     session.run("prune_throughput", {})
+                    session.run("advance_stalled_keys", {"limit": 100})
                 if failures:
                     log.info("heartbeat session restored")
                 failures = 0

@@ -22,6 +22,7 @@ class Outcome:
     delay_seconds: float = 0.0
     reason: str = ""
     error: str | None = None
+    blocks_key: bool = True
 
 
 COMPLETE = Outcome("complete")

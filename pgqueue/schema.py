@@ -28,8 +28,9 @@ DEFAULT_SCHEMA = "pgqueue"
 VERSION_TABLE = "schema_version"
 
 # Job states kept in the hot table. Completed jobs are deleted from it; dead ones move
-# to dead_jobs. 'available' covers queued and scheduled (run_at in the future) jobs.
-JOB_STATES = ("available", "running")
+# to dead_jobs. 'available' covers queued and scheduled (run_at in the future) jobs;
+# 'waiting' jobs queue behind the active job of their ordering key.
+JOB_STATES = ("available", "running", "waiting")
 
 
 def _now() -> TextClause:
@@ -67,7 +68,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("last_error", Text),
         Column("created_at", tz, nullable=False, server_default=_now()),
         PrimaryKeyConstraint("id", name="jobs_pkey"),
-        CheckConstraint("state IN ('available', 'running')", name="jobs_state_check"),
+        CheckConstraint("state IN ('available', 'running', 'waiting')", name="jobs_state_check"),
+        CheckConstraint("pg_column_size(args) <= 262144", name="jobs_args_size_check"),
         CheckConstraint("max_attempts IS NULL OR max_attempts > 0", name="jobs_max_attempts_check"),
         CheckConstraint("attempts >= 0", name="jobs_attempts_check"),
         CheckConstraint(
@@ -93,11 +95,17 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             postgresql_where=text("state = 'running'"),
         ),
         Index(
-            "jobs_ordering_key_idx",
+            "jobs_key_active_idx",
+            "queue",
+            "ordering_key",
+            postgresql_where=text("ordering_key IS NOT NULL AND state IN ('available', 'running')"),
+        ),
+        Index(
+            "jobs_key_waiting_idx",
             "queue",
             "ordering_key",
             "key_seq",
-            postgresql_where=text("ordering_key IS NOT NULL"),
+            postgresql_where=text("state = 'waiting'"),
         ),
         Index(
             "jobs_unique_key_idx",
@@ -128,7 +136,9 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("worker_id", UUID),
         Column("created_at", tz, nullable=False),
         Column("failed_at", tz, nullable=False, server_default=_now()),
+        Column("blocks_key", Boolean, nullable=False, server_default=text("false")),
         PrimaryKeyConstraint("id", name="dead_jobs_pkey"),
+        Index("dead_jobs_key_idx", "queue", "ordering_key", postgresql_where=text("blocks_key")),
         Index("dead_jobs_queue_failed_idx", "queue", "failed_at"),
         Index("dead_jobs_failed_idx", "failed_at"),
     )
@@ -143,6 +153,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("rate_interval_seconds", Double),
         Column("max_depth", Integer),
         Column("created_at", tz, nullable=False, server_default=_now()),
+        Column("rate_tokens", Double),
+        Column("rate_updated_at", tz),
         Column("updated_at", tz, nullable=False, server_default=_now()),
         PrimaryKeyConstraint("name", name="queues_pkey"),
         CheckConstraint(
@@ -160,6 +172,26 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("retried", BigInteger, nullable=False, server_default=text("0")),
         Column("failed", BigInteger, nullable=False, server_default=text("0")),
         PrimaryKeyConstraint("queue", "minute", name="queue_throughput_pkey"),
+    )
+
+    Table(
+        "ordering_keys",
+        metadata,
+        Column("scope", Text, nullable=False),
+        Column("key", Text, nullable=False),
+        Column("last_seq", BigInteger, nullable=False, server_default=text("0")),
+        Column("updated_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("scope", "key", name="ordering_keys_pkey"),
+    )
+
+    Table(
+        "cron_ticks",
+        metadata,
+        Column("name", Text, nullable=False),
+        Column("tick_at", tz, nullable=False),
+        Column("job_id", BigInteger),
+        Column("enqueued_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("name", "tick_at", name="cron_ticks_pkey"),
     )
 
     Table(

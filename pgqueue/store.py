@@ -190,6 +190,7 @@ class JobStore:
                         "tokens": [t for _, t, _ in batch.fail],
                         "reasons": [o.reason for _, _, o in batch.fail],
                         "errors": [o.error for _, _, o in batch.fail],
+                        "block_keys": [o.blocks_key for _, _, o in batch.fail],
                     },
                 )
             )

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pgqueue import db
@@ -447,6 +447,9 @@ class Worker:
             )
             self.leases.pop(job.id, None)
             return
+        if outcome.kind == "fail":
+            task = self.app.tasks.get(job.task)
+            outcome = replace(outcome, blocks_key=task.dead_blocks_key if task else True)
         self._pending.add(job.id, job.lease_token, outcome)
         if outcome.kind == "fail":
             log.warning(
