@@ -371,9 +371,18 @@ def demo(
             server.stop()
 
 
+def _register_groups() -> None:
+    from pgqueue.cli.queues import queues_app
+
+    app.add_typer(queues_app, name="queues")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+_register_groups()
 
 
 if __name__ == "__main__":

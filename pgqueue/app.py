@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
+from pgqueue.cron import CronSchedule
 from pgqueue.enqueue import DEFAULT_QUEUE, enqueue, enqueue_async
 from pgqueue.job import Job
 from pgqueue.names import queue_name, task_name
@@ -54,6 +55,7 @@ class Task(Generic[P, R]):
     retry: RetryPolicy = DEFAULT_RETRY_POLICY
     non_retryable: tuple[type[BaseException], ...] = ()
     dead_blocks_key: bool = True
+    batch_size: int | None = None
     schema: str | None = None
     call_options: EnqueueOptions = field(default_factory=EnqueueOptions)
 
@@ -67,6 +69,11 @@ class Task(Generic[P, R]):
         return replace(self, call_options=EnqueueOptions(**merged))
 
     def _arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if self.batch_size is not None:
+            # A batch handler takes a list of jobs; each job's arguments are free keywords.
+            if args:
+                raise TypeError(f"batch task {self.name!r} takes keyword arguments only")
+            return dict(kwargs)
         signature = inspect.signature(self.handler)
         try:
             bound = signature.bind(None, *args, **kwargs)
@@ -105,6 +112,18 @@ class Task(Generic[P, R]):
         )
 
 
+@dataclass(frozen=True)
+class Periodic:
+    """A cron schedule that enqueues ``task`` with ``args`` at every tick."""
+
+    name: str
+    schedule: CronSchedule
+    task: str
+    args: Mapping[str, Any]
+    backfill: bool = False
+    misfire_grace_seconds: float = 60.0
+
+
 class App:
     """Holds the tasks a worker can run. Handlers are looked up by name only.
 
@@ -116,6 +135,7 @@ class App:
     def __init__(self, *, schema: str | None = None) -> None:
         self.schema = schema
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.periodic_jobs: dict[str, Periodic] = {}
 
     @overload
     def task(self, function: Callable[Concatenate[Job, P], R]) -> Task[P, R]: ...
@@ -132,6 +152,7 @@ class App:
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         non_retryable: Iterable[type[BaseException]] = (),
         dead_blocks_key: bool = True,
+        batch_size: int | None = None,
     ) -> Callable[[Callable[Concatenate[Job, P], R]], Task[P, R]]: ...
 
     def task(
@@ -145,6 +166,7 @@ class App:
         retry: RetryPolicy = DEFAULT_RETRY_POLICY,
         non_retryable: Iterable[type[BaseException]] = (),
         dead_blocks_key: bool = True,
+        batch_size: int | None = None,
     ) -> Any:
         """Register a handler. The task name defaults to the function's ``__name__``.
 
@@ -152,7 +174,9 @@ class App:
         backoff policy; ``non_retryable`` exception types skip retries and dead-letter.
         ``dead_blocks_key``: when a job with an ordering key is dead-lettered, the later jobs
         of its key wait until an operator requeues or discards it (True, the default), or go
-        on without it (False).
+        on without it (False). ``batch_size``: the handler takes a list of up to that many
+        jobs (``def handler(jobs: list[Job])``) and may return ``{job.id: exception}`` for
+        the items that failed; each job is still acked, retried or dead-lettered on its own.
         """
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError("max_attempts must be an int >= 1")
@@ -160,6 +184,10 @@ class App:
         if timeout_seconds is not None and not timeout_seconds > 0:
             raise ValueError("timeout must be a positive number of seconds or a timedelta")
         errors = tuple(non_retryable)
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError("batch_size must be an int >= 1, or None for one job per call")
 
         def register(handler: Callable[..., Any]) -> Task[Any, Any]:
             task = Task(
@@ -171,6 +199,7 @@ class App:
                 retry=retry,
                 non_retryable=errors,
                 dead_blocks_key=dead_blocks_key,
+                batch_size=batch_size,
                 schema=self.schema,
             )
             if task.name in self.tasks:
@@ -179,6 +208,50 @@ class App:
             return task
 
         return register(function) if function is not None else register
+
+    def periodic(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        backfill: bool = False,
+        misfire_grace_seconds: float = 60.0,
+        **task_options: Any,
+    ) -> Callable[[Callable[..., Any]], Task[Any, Any]]:
+        """Register a handler as a task and enqueue it on a cron schedule.
+
+        ``cron`` has 5 fields (minute precision) or 6 (a leading seconds field), or a
+        macro such as ``@hourly``; ticks follow the database clock in UTC. Each tick is
+        enqueued exactly once however many workers run. After downtime only ticks younger
+        than ``misfire_grace_seconds`` are enqueued, unless ``backfill=True`` (then every
+        missed tick since the last one recorded, at most 1,000).
+
+        >>> @app.periodic("*/5 * * * *", queue="maintenance")
+        ... def purge_sessions(job): ...
+        """
+        schedule = CronSchedule.parse(cron)
+
+        def register(handler: Callable[..., Any]) -> Task[Any, Any]:
+            task = (
+                self.task(handler, **task_options)
+                if not task_options
+                else self.task(**task_options)(handler)
+            )
+            entry = Periodic(
+                name=task_name(name or task.name),
+                schedule=schedule,
+                task=task.name,
+                args=dict(args or {}),
+                backfill=backfill,
+                misfire_grace_seconds=float(misfire_grace_seconds),
+            )
+            if entry.name in self.periodic_jobs:
+                raise ValueError(f"periodic job {entry.name!r} is registered twice")
+            self.periodic_jobs[entry.name] = entry
+            return task
+
+        return register
 
     def queues(self) -> list[str]:
         """The queues named by the registered tasks, sorted."""

@@ -68,6 +68,7 @@ class HeartbeatThread(threading.Thread):
                     session.run("prune_processes", {"stale_seconds": stale})
                     session.run("prune_throughput", {})
                     session.run("advance_stalled_keys", {"limit": 100})
+                    session.run("prune_cron_ticks", {})
                 if failures:
                     log.info("heartbeat session restored")
                 failures = 0

@@ -118,6 +118,30 @@ class JobStore:
         """Run any named query on the claiming session (bookkeeping at start and stop)."""
         return await self._run(self._claimer, name, params)
 
+    async def cron_tick(
+        self, name: str, tick_at: Any, enqueue: db.Query, params: Mapping[str, Any]
+    ) -> int | None:
+        """Record a cron tick and enqueue its job in one transaction; None if taken."""
+        conn = await self._claimer.get()
+        try:
+            async with conn.transaction():
+                async with conn.cursor(row_factory=dict_row) as cursor:
+                    tick = {"name": name, "tick_at": tick_at}
+                    await cursor.execute(self._queries["record_cron_tick"].text, tick)  # type: ignore[arg-type]
+                    if not await cursor.fetchall():
+                        return None
+                    await cursor.execute(enqueue.text, params)  # type: ignore[arg-type]
+                    job_id = int((await cursor.fetchall())[0]["job_id"])
+                    await cursor.execute(
+                        self._queries["set_cron_tick_job"].text,  # type: ignore[arg-type]
+                        {**tick, "job_id": job_id},
+                    )
+                    return job_id
+        except psycopg.Error as exc:
+            if conn.closed or db.is_connection_error(exc):
+                await self._claimer.discard()
+            raise db.translate_error(exc) from exc
+
     async def claim(
         self,
         queue: str,

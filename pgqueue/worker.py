@@ -25,6 +25,7 @@ from pgqueue.job import Job
 from pgqueue.listener import Listener
 from pgqueue.names import queue_name
 from pgqueue.outcome import RELEASE, Outcome, decide, format_error
+from pgqueue.scheduler import Scheduler
 from pgqueue.store import JobStore, Settlement
 from pgqueue.threads import interrupt_thread
 
@@ -47,6 +48,7 @@ class WorkerSettings:
     shutdown_grace_seconds: float = 30.0
     listen: bool = True
     batch_size: int | None = None  # default: concurrency
+    run_periodic: bool = True  # enqueue the app's cron ticks (once per tick across workers)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -99,7 +101,7 @@ class Worker:
         self.id = uuid.uuid4()
         self.stats = WorkerStats()
         self.exit_code = 0
-        self._store = JobStore(dsn, self.schema)
+        self.store = JobStore(dsn, self.schema)
         self._running: dict[int, _Running] = {}
         # id -> lease token of every job whose outcome is not yet written: the heartbeat
         # thread keeps these leases alive, so a slow settle never loses a finished job.
@@ -117,6 +119,7 @@ class Worker:
             max_workers=self.settings.concurrency * 2, thread_name_prefix="pgqueue-job"
         )
         self._abandoned_threads = 0
+        self.scheduler: Scheduler | None = None
         self._sync_connections: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
         self._async_connections: list[Any] = []
         self._task_max_attempts = {name: t.max_attempts for name, t in app.tasks.items()}
@@ -161,9 +164,12 @@ class Worker:
         heartbeat = HeartbeatThread(self)
         background: list[asyncio.Task[Any]] = []
         try:
-            await self._store.execute("register_queues", {"queues": self.queues})
+            await self.store.execute("register_queues", {"queues": self.queues})
             heartbeat.start()
             background.append(asyncio.create_task(self._settle_loop(), name="settle"))
+            if self.settings.run_periodic and self.app.periodic_jobs:
+                self.scheduler = Scheduler(self)
+                background.append(asyncio.create_task(self.scheduler.run(), name="cron"))
             if self.settings.listen:
                 channels = [db.channel(self.schema, q) for q in self.queues]
                 listener = Listener(self.dsn, channels, self._wake.set, role="worker-listen")
@@ -197,11 +203,11 @@ class Worker:
             await asyncio.to_thread(heartbeat.join, 10)
             try:
                 await asyncio.wait_for(
-                    self._store.execute("unregister_process", {"id": self.id}), timeout=5
+                    self.store.execute("unregister_process", {"id": self.id}), timeout=5
                 )
             except Exception:
                 pass
-            await self._store.close()
+            await self.store.close()
             await self._close_pools()
             self._executor.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped: %s", self.id, self.stats)
@@ -255,7 +261,7 @@ class Worker:
                 rotation = (rotation + 1) % len(self.queues)
                 for queue in order:
                     limit = min(free, batch_size)
-                    rows = await self._store.claim(
+                    rows = await self.store.claim(
                         queue,
                         limit,
                         worker_id=self.id,
@@ -264,8 +270,7 @@ class Worker:
                         default_max_attempts=DEFAULT_MAX_ATTEMPTS,
                     )
                     failures = 0
-                    for row in rows:
-                        self._start(row)
+                    self._dispatch(rows)
                     claimed_any = claimed_any or bool(rows)
                     is_full = is_full or len(rows) == limit
                     free -= len(rows)
@@ -289,8 +294,23 @@ class Worker:
             except asyncio.TimeoutError:
                 pass
 
-    def _start(self, row: dict[str, Any]) -> None:
-        job = Job(
+    def _dispatch(self, rows: list[dict[str, Any]]) -> None:
+        """Start claimed jobs: one runner per job, or per batch for batch tasks."""
+        batches: dict[str, list[Job]] = {}
+        for row in rows:
+            job = self._job(row)
+            task = self.app.tasks.get(job.task)
+            if task is not None and task.batch_size is not None:
+                batches.setdefault(task.name, []).append(job)
+            else:
+                self._start(job)
+        for name, jobs in batches.items():
+            size = self.app.tasks[name].batch_size or 1
+            for index in range(0, len(jobs), size):
+                self._start_batch(jobs[index : index + size])
+
+    def _job(self, row: dict[str, Any]) -> Job:
+        return Job(
             id=row["id"],
             queue=row["queue"],
             task=row["task"],
@@ -306,13 +326,87 @@ class Worker:
             run_at=row["run_at"],
             _provider=self,
         )
+
+    def _start(self, job: Job) -> None:
         self.stats.claimed += 1
         self.leases[job.id] = job.lease_token
         running = _Running(job)
         self._running[job.id] = running
         running.task = asyncio.create_task(self._execute(running))
 
+    def _start_batch(self, jobs: list[Job]) -> None:
+        self.stats.claimed += len(jobs)
+        for job in jobs:
+            self.leases[job.id] = job.lease_token
+            self._running[job.id] = _Running(job)
+        runner = asyncio.create_task(self._execute_batch(jobs))
+        for job in jobs:
+            self._running[job.id].task = runner
+
     # ------------------------------------------------------------ running
+
+    async def _execute_batch(self, jobs: list[Job]) -> None:
+        """Run a batch handler; each job then gets its own outcome."""
+        task = self.app.tasks[jobs[0].task]
+        failures: dict[int, BaseException] = {}
+        batch_error: BaseException | None = None
+        try:
+            bad = [job for job in jobs if not isinstance(job.args, dict)]
+            for job in bad:
+                failures[job.id] = TypeError(
+                    f"args must be a JSON object, found {type(job.args).__name__}"
+                )
+            runnable = [job for job in jobs if job not in bad]
+            if runnable:
+                result = await self._invoke(task, (runnable,), {}, jobs[0])
+                if isinstance(result, dict):
+                    failures.update(result)
+        except asyncio.CancelledError:
+            if self._stopping or all(job.id in self.lost for job in jobs):
+                for job in jobs:
+                    self._running.pop(job.id, None)
+                    if job.id in self.lost:
+                        self.leases.pop(job.id, None)
+                assert self._capacity is not None
+                self._capacity.set()
+                return
+            raise
+        except BaseException as exc:
+            batch_error = exc
+        for job in jobs:
+            self._running.pop(job.id, None)
+            error = batch_error or failures.get(job.id)
+            if error is None:
+                outcome = decide(
+                    None, attempt=job.attempt, max_attempts=job.max_attempts, policy=task.retry
+                )
+            else:
+                outcome = decide(
+                    error,
+                    attempt=job.attempt,
+                    max_attempts=job.max_attempts,
+                    policy=task.retry,
+                    non_retryable=task.non_retryable,
+                )
+            self._record(job, outcome)
+        assert self._capacity is not None
+        self._capacity.set()
+
+    async def _invoke(
+        self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], job: Job
+    ) -> Any:
+        """Call a handler (sync on a thread, async on the loop) under its hard timeout."""
+        timeout = job.timeout_seconds or task.timeout_seconds
+        if task.is_async:
+            coroutine = task.handler(*args, **kwargs)
+            if timeout is None:
+                return await coroutine
+            try:
+                return await asyncio.wait_for(coroutine, timeout)
+            except asyncio.TimeoutError:
+                raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
+        running = self._running.get(job.id) or _Running(job)
+        return await self._call_sync(running, task, timeout, args, kwargs)
 
     async def _execute(self, running: _Running) -> None:
         job = running.job
@@ -369,19 +463,8 @@ class Worker:
                 reason="bad_arguments",
                 error=f"arguments do not fit handler {task.name!r}: {exc}",
             )
-        timeout = job.timeout_seconds or task.timeout_seconds
         try:
-            if task.is_async:
-                coroutine = task.handler(job, **job.args)
-                if timeout is None:
-                    await coroutine
-                else:
-                    try:
-                        await asyncio.wait_for(coroutine, timeout)
-                    except asyncio.TimeoutError:
-                        raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
-            else:
-                await self._call_sync(running, task, timeout)
+            await self._invoke(task, (job,), dict(job.args), job)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -397,17 +480,21 @@ class Worker:
         return decide(None, attempt=job.attempt, max_attempts=job.max_attempts, policy=task.retry)
 
     async def _call_sync(
-        self, running: _Running, task: Task[Any, Any], timeout: float | None
-    ) -> None:
-        job = running.job
+        self,
+        running: _Running,
+        task: Task[Any, Any],
+        timeout: float | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         slot = running.thread
         slot["lock"] = threading.Lock()
 
-        def call() -> None:
+        def call() -> Any:
             with slot["lock"]:
                 slot["ident"] = threading.get_ident()
             try:
-                task.handler(job, **job.args)
+                return task.handler(*args, **kwargs)
             finally:
                 with slot["lock"]:
                     slot["done"] = True
@@ -415,22 +502,21 @@ class Worker:
         assert self._loop is not None
         future = self._loop.run_in_executor(self._executor, call)
         if timeout is None:
-            await future
-            return
+            return await future
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
             self._abandon(slot, future)
             raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
 
-    def _abandon(self, slot: dict[str, Any], future: asyncio.Future[None]) -> None:
+    def _abandon(self, slot: dict[str, Any], future: asyncio.Future[Any]) -> None:
         """Give up on a sync handler past its timeout: interrupt it and stop waiting."""
         with slot["lock"]:
             if not slot.get("done") and "ident" in slot:
                 interrupt_thread(slot["ident"], JobTimeout)
         self._abandoned_threads += 1
 
-        def finished(_: asyncio.Future[None]) -> None:
+        def finished(_: asyncio.Future[Any]) -> None:
             self._abandoned_threads -= 1
 
         future.add_done_callback(finished)
@@ -487,7 +573,7 @@ class Worker:
         while len(self._pending):
             batch, self._pending = self._pending, Settlement()
             try:
-                written = await self._store.settle(batch)
+                written = await self.store.settle(batch)
             except DatabaseError as exc:
                 failures += 1
                 # Keep the outcomes: leases stay alive through the heartbeat thread, and a
@@ -536,11 +622,14 @@ class Worker:
             self.lost.add(job_id)
             running = self._running.get(job_id)
             log.warning("job %d: lease lost; its result will be discarded", job_id)
+            task = self.app.tasks.get(running.job.task) if running is not None else None
+            # A batch keeps running for its other jobs; only this job's result is dropped.
             if (
                 running is not None
                 and running.task is not None
-                and self.app.tasks.get(running.job.task, None) is not None
-                and self.app.tasks[running.job.task].is_async
+                and task is not None
+                and task.is_async
+                and task.batch_size is None
             ):
                 running.task.cancel()
 

@@ -28,3 +28,22 @@ DELETE FROM {schema}.queue_throughput WHERE minute < now() - interval '1 day'
 -- name: database_now
 -- The database clock, for callers that must not trust their own.
 SELECT now() AS now
+
+-- name: record_cron_tick
+-- Claim one tick of a periodic job; the primary key makes it once across all workers.
+INSERT INTO {schema}.cron_ticks (name, tick_at) VALUES (%(name)s, %(tick_at)s)
+ON CONFLICT (name, tick_at) DO NOTHING
+RETURNING name
+
+-- name: set_cron_tick_job
+-- Remember which job a tick enqueued.
+UPDATE {schema}.cron_ticks SET job_id = %(job_id)s WHERE name = %(name)s AND tick_at = %(tick_at)s
+
+-- name: last_cron_ticks
+-- The newest recorded tick of each periodic job, to resume after restarts.
+SELECT name, max(tick_at) AS tick_at FROM {schema}.cron_ticks
+WHERE name = ANY(%(names)s::text[]) GROUP BY name
+
+-- name: prune_cron_ticks
+-- Keep a week of tick history.
+DELETE FROM {schema}.cron_ticks WHERE tick_at < now() - interval '7 days'
