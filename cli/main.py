@@ -216,6 +216,48 @@ def worker(
     raise typer.Exit(runner.run())
 
 
+@app.command()
+@friendly
+def relay(
+    app_path: Annotated[str, typer.Option("--app", help="module:attribute of your pgqueue.App.")],
+    concurrency: Annotated[int, typer.Option(min=1, help="Messages in flight at once.")] = 256,
+    lease_seconds: Annotated[float, typer.Option(min=0.1, help="Lease length.")] = 30.0,
+    shutdown_grace: Annotated[
+        float, typer.Option(min=0, help="Seconds deliveries get after SIGTERM.")
+    ] = 15.0,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.01, help="Polling interval (always on).")
+    ] = 1.0,
+    retention_seconds: Annotated[
+        float, typer.Option(min=0, help="Keep delivered history this long; 0: none.")
+    ] = 86400.0,
+    listen: Annotated[
+        bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
+    ] = True,
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="One JSON object per log line.")
+    ] = False,
+) -> None:
+    """Deliver outbox messages through the app's routes until SIGTERM."""
+    from pgqueue.relay import Relay, RelaySettings
+
+    _setup_logging(log_level, log_json)
+    routes = load_app(app_path)
+    settings = RelaySettings(
+        concurrency=concurrency,
+        lease_seconds=lease_seconds,
+        shutdown_grace_seconds=shutdown_grace,
+        poll_seconds=poll_seconds,
+        retention_seconds=retention_seconds,
+        listen=listen,
+    )
+    runner = Relay(routes, resolve_dsn(dsn), schema=schema, settings=settings)
+    raise typer.Exit(runner.run())
+
+
 # ---------------------------------------------------------------- enqueue and status
 
 
@@ -372,9 +414,11 @@ def demo(
 
 
 def _register_groups() -> None:
+    from pgqueue.cli.outbox import outbox_app
     from pgqueue.cli.queues import queues_app
 
     app.add_typer(queues_app, name="queues")
+    app.add_typer(outbox_app, name="outbox")
 
 
 def main() -> None:

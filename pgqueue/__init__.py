@@ -4,7 +4,7 @@ Jobs are rows in your own database, enqueued in your own transaction; workers le
 with ``FOR UPDATE SKIP LOCKED`` and run them at least once.
 """
 
-from pgqueue.app import App, Task
+from pgqueue.app import App, Route, Task
 from pgqueue.enqueue import JobSpec, enqueue, enqueue_async, enqueue_many, enqueue_many_async
 from pgqueue.errors import (
     Cancel,
@@ -23,6 +23,9 @@ from pgqueue.errors import (
     Snooze,
 )
 from pgqueue.job import Job
+from pgqueue.outbox import OutboxMessage, publish, publish_async, publish_many, publish_many_async
+from pgqueue.queues import configure_queue, list_queues, pause_queue, resume_queue
+from pgqueue.relay import Relay, RelaySettings
 from pgqueue.retry import RetryPolicy
 from pgqueue.worker import JobTimeout, Worker, WorkerSettings
 
@@ -41,19 +44,31 @@ __all__ = [
     "LeaseLost",
     "NonRetryable",
     "NotFound",
+    "OutboxMessage",
     "PayloadTooLarge",
     "PgQueueError",
     "QueueFull",
+    "Relay",
+    "RelaySettings",
     "Retry",
     "RetryPolicy",
+    "Route",
     "SchemaNotReady",
     "Snooze",
     "Task",
     "Worker",
     "WorkerSettings",
     "__version__",
+    "configure_queue",
     "enqueue",
     "enqueue_async",
     "enqueue_many",
     "enqueue_many_async",
+    "list_queues",
+    "pause_queue",
+    "publish",
+    "publish_async",
+    "publish_many",
+    "publish_many_async",
+    "resume_queue",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -13,6 +15,7 @@ from pgqueue.enqueue import DEFAULT_QUEUE, enqueue, enqueue_async
 from pgqueue.job import Job
 from pgqueue.names import queue_name, task_name
 from pgqueue.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from pgqueue.sinks import Sink
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -124,6 +127,30 @@ class Periodic:
     misfire_grace_seconds: float = 60.0
 
 
+OUTBOX_RETRY_POLICY = RetryPolicy(base_seconds=1.0, max_seconds=300.0)
+_PATTERN = re.compile(r"[A-Za-z0-9_.\-*?]{1,48}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Outbox messages whose topic matches ``pattern`` (a glob: ``order.*``) go to ``sink``.
+
+    Failed deliveries retry with ``retry`` backoff up to ``max_attempts``, then go to the
+    outbox dead letters. ``dead_blocks_key``: a dead message holds back the later messages
+    of its key until an operator requeues or discards it (True), or lets them go on.
+    """
+
+    pattern: str
+    sink: Sink
+    max_attempts: int = 25
+    retry: RetryPolicy = OUTBOX_RETRY_POLICY
+    dead_blocks_key: bool = True
+    timeout_seconds: float = 60.0
+
+    def matches(self, topic: str) -> bool:
+        return fnmatch.fnmatchcase(topic, self.pattern)
+
+
 class App:
     """Holds the tasks a worker can run. Handlers are looked up by name only.
 
@@ -136,6 +163,7 @@ class App:
         self.schema = schema
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.periodic_jobs: dict[str, Periodic] = {}
+        self.routes: list[Route] = []
 
     @overload
     def task(self, function: Callable[Concatenate[Job, P], R]) -> Task[P, R]: ...
@@ -252,6 +280,61 @@ class App:
             return task
 
         return register
+
+    def route(
+        self,
+        pattern: str,
+        sink: Sink,
+        *,
+        max_attempts: int = 25,
+        retry: RetryPolicy = OUTBOX_RETRY_POLICY,
+        dead_blocks_key: bool = True,
+        timeout: float | timedelta = 60.0,
+    ) -> Route:
+        """Send outbox messages whose topic matches ``pattern`` to ``sink``.
+
+        Routes are tried in the order they were added; the first match wins. Use ``"*"``
+        last as a default route. A topic no route matches is dead-lettered with reason
+        ``no_route`` (never dropped), and reported when the relay starts.
+
+        >>> app.route("order.*", WebhookSink("billing", "https://billing.internal/hooks"))
+        """
+        if not isinstance(pattern, str) or _PATTERN.fullmatch(pattern) is None:
+            raise ValueError(
+                f"invalid route pattern {pattern!r}: use a topic name, optionally with "
+                "'*' and '?' wildcards, at most 48 bytes"
+            )
+        if not isinstance(sink, Sink):
+            raise TypeError(
+                f"{type(sink).__name__} is not a Sink: it needs name, max_in_flight, "
+                "start(), deliver(message) and close()"
+            )
+        queue_name(sink.name)
+        others = {r.sink.name: r.sink for r in self.routes}
+        if sink.name in others and others[sink.name] is not sink:
+            raise ValueError(f"two different sinks are named {sink.name!r}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError("max_attempts must be an int >= 1")
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+        if not seconds > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        route = Route(pattern, sink, max_attempts, retry, dead_blocks_key, seconds)
+        self.routes.append(route)
+        return route
+
+    def route_for(self, topic: str) -> Route | None:
+        """The first route whose pattern matches ``topic``."""
+        for route in self.routes:
+            if route.matches(topic):
+                return route
+        return None
+
+    def sinks(self) -> list[Sink]:
+        """Each distinct sink of the routes, once."""
+        seen: dict[str, Sink] = {}
+        for route in self.routes:
+            seen.setdefault(route.sink.name, route.sink)
+        return list(seen.values())
 
     def queues(self) -> list[str]:
         """The queues named by the registered tasks, sorted."""

@@ -1,4 +1,4 @@
-"""The worker's heartbeat thread: lease renewal, liveness, rescue and light pruning.
+"""The heartbeat thread of workers and relays: lease renewal, liveness, rescue, pruning.
 
 It runs on its own thread and its own session so that a handler blocking the event loop
 (or hogging the CPU in a thread) cannot starve lease renewal.
@@ -6,69 +6,86 @@ It runs on its own thread and its own session so that a handler blocking the eve
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
 import random
-import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+from uuid import UUID
 
 from pgqueue.store import MaintenanceSession
-
-if TYPE_CHECKING:
-    from pgqueue.worker import Worker
 
 log = logging.getLogger("pgqueue.heartbeat")
 
 RESCUE_BATCH = 1000
 
 
+class LeaseHolder(Protocol):
+    """What the heartbeat thread needs from a worker or relay."""
+
+    dsn: str
+    schema: str
+    leases: dict[int, UUID]
+
+    @property
+    def lease_seconds(self) -> float: ...
+
+    @property
+    def process(self) -> Mapping[str, Any]: ...
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+
+    def on_lease_lost(self, ids: set[int]) -> None: ...
+
+
 class HeartbeatThread(threading.Thread):
-    def __init__(self, worker: Worker) -> None:
+    """Every ``interval``: renew held leases; every ``rescue_interval``: ``rescue``;
+    every minute: ``prune``. Each step is one or a few statements on its own session."""
+
+    def __init__(
+        self,
+        owner: LeaseHolder,
+        *,
+        renew_query: str,
+        rescue: Callable[[MaintenanceSession], int],
+        prune: Callable[[MaintenanceSession], None],
+        interval: float,
+        rescue_interval: float,
+    ) -> None:
         super().__init__(name="pgqueue-heartbeat", daemon=True)
-        self._worker = worker
+        self._owner = owner
+        self._renew_query = renew_query
+        self._rescue = rescue
+        self._prune = prune
         self._stop_requested = threading.Event()
-        settings = worker.settings
-        self.interval = settings.heartbeat_seconds or settings.lease_seconds / 3
-        self.rescue_interval = settings.rescue_seconds or settings.lease_seconds / 2
+        self.interval = interval
+        self.rescue_interval = rescue_interval
         self.rescued = 0
 
     def stop(self) -> None:
         self._stop_requested.set()
 
     def run(self) -> None:
-        from pgqueue.app import DEFAULT_MAX_ATTEMPTS
-
-        worker = self._worker
-        session = MaintenanceSession(worker.dsn, worker.schema)
-        process = {
-            "id": worker.id,
-            "kind": "worker",
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "queues": worker.queues,
-            "concurrency": worker.settings.concurrency,
-        }
+        owner = self._owner
+        session = MaintenanceSession(owner.dsn, owner.schema)
         next_rescue = 0.0
         next_prune = time.monotonic() + 30
         failures = 0
         while True:
             try:
                 self._renew(session)
-                session.run("heartbeat_process", process)
+                session.run("heartbeat_process", owner.process)
                 now = time.monotonic()
                 if now >= next_rescue:
-                    # Jitter spreads rescuers of many workers over time.
+                    # Jitter spreads the rescuers of many processes over time.
                     next_rescue = now + self.rescue_interval * random.uniform(0.8, 1.2)
-                    self._rescue(session, DEFAULT_MAX_ATTEMPTS)
+                    self.rescued += self._rescue(session)
                 if now >= next_prune:
                     next_prune = now + 60
-                    stale = max(60.0, worker.settings.lease_seconds * 4)
-                    session.run("prune_processes", {"stale_seconds": stale})
-                    session.run("prune_throughput", {})
-                    session.run("advance_stalled_keys", {"limit": 100})
-                    session.run("prune_cron_ticks", {})
+                    self._prune(session)
                 if failures:
                     log.info("heartbeat session restored")
                 failures = 0
@@ -76,49 +93,44 @@ class HeartbeatThread(threading.Thread):
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
                     log.warning("heartbeat failed (%s); will retry", exc)
-            if self._stop_requested.wait(
-                self.interval if not failures else min(self.interval, 1.0)
-            ):
+            wait = self.interval if not failures else min(self.interval, 1.0)
+            if self._stop_requested.wait(wait):
                 break
         session.close()
 
     def _renew(self, session: MaintenanceSession) -> None:
-        worker = self._worker
-        leases = dict(worker.leases)
+        owner = self._owner
+        leases = dict(owner.leases)
         if not leases:
             return
         rows = session.run(
-            "heartbeat_jobs",
+            self._renew_query,
             {
                 "ids": list(leases),
                 "tokens": list(leases.values()),
-                "lease_seconds": worker.settings.lease_seconds,
+                "lease_seconds": owner.lease_seconds,
             },
         )
         renewed = {row["id"] for row in rows}
-        # A job settled while this statement ran is missing too; only ids still tracked
+        # Something settled while this statement ran is missing too; only ids still held
         # with the same token are really lost.
         lost = {
-            job_id
-            for job_id, token in leases.items()
-            if job_id not in renewed and worker.leases.get(job_id) == token
+            item
+            for item, token in leases.items()
+            if item not in renewed and owner.leases.get(item) == token
         }
-        if lost and worker._loop is not None:
-            worker._loop.call_soon_threadsafe(worker.on_lease_lost, lost)
+        if lost and owner.loop is not None:
+            owner.loop.call_soon_threadsafe(owner.on_lease_lost, lost)
 
-    def _rescue(self, session: MaintenanceSession, default_max_attempts: int) -> None:
-        while True:
-            rows = session.run(
-                "rescue_expired",
-                {"limit": RESCUE_BATCH, "default_max_attempts": default_max_attempts},
-            )
-            requeued, dead = rows[0]["requeued"], rows[0]["dead"]
-            if requeued or dead:
-                self.rescued += requeued + dead
-                log.warning(
-                    "rescued jobs with expired leases: %d back to the queue, %d dead-lettered",
-                    requeued,
-                    dead,
-                )
-            if requeued + dead < RESCUE_BATCH:
-                return
+
+def rescue_in_batches(session: MaintenanceSession, query: str, params: Mapping[str, Any]) -> int:
+    """Run a rescue query until it returns less than a full batch; total rows rescued."""
+    total = 0
+    while True:
+        row = session.run(query, {"limit": RESCUE_BATCH, **params})[0]
+        count = sum(int(value) for value in row.values())
+        total += count
+        if count:
+            log.warning("rescued %s after expired leases (%s)", count, query)
+        if count < RESCUE_BATCH:
+            return total

@@ -209,4 +209,89 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         CheckConstraint("kind IN ('worker', 'relay')", name="processes_kind_check"),
         Index("processes_heartbeat_idx", "heartbeat_at"),
     )
+    Table(
+        "outbox",
+        metadata,
+        Column("id", BigInteger, Identity(always=True)),
+        Column("message_id", UUID, nullable=False, server_default=text("gen_random_uuid()")),
+        Column("topic", Text, nullable=False),
+        Column("key", Text),
+        Column("key_seq", BigInteger),
+        Column("payload", JSONB, nullable=False),
+        Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+        Column("state", Text, nullable=False, server_default=text("'pending'::text")),
+        Column("available_at", tz, nullable=False, server_default=_now()),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("lease_token", UUID),
+        Column("lease_expires_at", tz),
+        Column("relay_id", UUID),
+        Column("claimed_at", tz),
+        Column("last_error", Text),
+        Column("created_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("id", name="outbox_pkey"),
+        CheckConstraint("state IN ('pending', 'inflight', 'waiting')", name="outbox_state_check"),
+        CheckConstraint("pg_column_size(payload) <= 262144", name="outbox_payload_size_check"),
+        CheckConstraint(
+            "state <> 'inflight' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            name="outbox_inflight_lease_check",
+        ),
+        Index("outbox_claim_idx", "available_at", "id", postgresql_where=text("state = 'pending'")),
+        Index("outbox_lease_idx", "lease_expires_at", postgresql_where=text("state = 'inflight'")),
+        Index(
+            "outbox_key_active_idx",
+            "key",
+            postgresql_where=text("key IS NOT NULL AND state IN ('pending', 'inflight')"),
+        ),
+        Index(
+            "outbox_key_waiting_idx", "key", "key_seq", postgresql_where=text("state = 'waiting'")
+        ),
+    )
+
+    Table(
+        "outbox_dead",
+        metadata,
+        Column("id", BigInteger, nullable=False, autoincrement=False),
+        Column("message_id", UUID, nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("key", Text),
+        Column("key_seq", BigInteger),
+        Column("payload", JSONB, nullable=False),
+        Column("headers", JSONB, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("reason", Text, nullable=False),
+        Column("last_error", Text),
+        Column("blocks_key", Boolean, nullable=False, server_default=text("false")),
+        Column("created_at", tz, nullable=False),
+        Column("failed_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("id", name="outbox_dead_pkey"),
+        Index("outbox_dead_failed_idx", "failed_at"),
+        Index("outbox_dead_key_idx", "key", postgresql_where=text("blocks_key")),
+    )
+
+    Table(
+        "outbox_delivered",
+        metadata,
+        Column("id", BigInteger, nullable=False, autoincrement=False),
+        Column("message_id", UUID, nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("key", Text),
+        Column("payload", JSONB, nullable=False),
+        Column("headers", JSONB, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("sink", Text),
+        Column("created_at", tz, nullable=False),
+        Column("delivered_at", tz, nullable=False, server_default=_now()),
+        PrimaryKeyConstraint("id", name="outbox_delivered_pkey"),
+        Index("outbox_delivered_at_idx", "delivered_at"),
+    )
+
+    Table(
+        "outbox_throughput",
+        metadata,
+        Column("topic", Text, nullable=False),
+        Column("minute", tz, nullable=False),
+        Column("delivered", BigInteger, nullable=False, server_default=text("0")),
+        Column("failed", BigInteger, nullable=False, server_default=text("0")),
+        PrimaryKeyConstraint("topic", "minute", name="outbox_throughput_pkey"),
+    )
     return metadata

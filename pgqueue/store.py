@@ -27,6 +27,8 @@ class Settlement:
     retry: list[tuple[int, UUID, Outcome]] = field(default_factory=list)
     fail: list[tuple[int, UUID, Outcome]] = field(default_factory=list)
     release: list[tuple[int, UUID]] = field(default_factory=list)
+    # Outbox only: which sink delivered each completed message.
+    sinks: dict[int, str] = field(default_factory=dict)
 
     def add(self, job_id: int, token: UUID, outcome: Outcome) -> None:
         if outcome.kind == "complete":
@@ -186,8 +188,7 @@ class JobStore:
             raise db.translate_error(exc) from exc
         return written
 
-    @staticmethod
-    def _statements(batch: Settlement) -> Sequence[tuple[str, dict[str, Any]]]:
+    def _statements(self, batch: Settlement) -> Sequence[tuple[str, dict[str, Any]]]:
         statements: list[tuple[str, dict[str, Any]]] = []
         if batch.complete:
             ids, tokens = zip(*batch.complete, strict=False)
@@ -251,3 +252,35 @@ class MaintenanceSession:
             except Exception:
                 pass
         self._conn = None
+
+
+class MessageStore(JobStore):
+    """The relay's twin of :class:`JobStore`: the same sessions, the outbox statements."""
+
+    def __init__(self, dsn: str, schema: str, *, keep_history: bool) -> None:
+        super().__init__(dsn, schema)
+        self._keep_history = keep_history
+
+    async def claim_messages(
+        self, limit: int, *, relay_id: UUID, lease_seconds: float
+    ) -> list[dict[str, Any]]:
+        return await self._run(
+            self._claimer,
+            "claim_messages",
+            {"limit": limit, "relay_id": relay_id, "lease_seconds": lease_seconds},
+        )
+
+    def _statements(self, batch: Settlement) -> Sequence[tuple[str, dict[str, Any]]]:
+        renamed = {
+            "complete_jobs": "complete_messages",
+            "retry_jobs": "retry_messages",
+            "fail_jobs": "fail_messages",
+            "release_jobs": "release_messages",
+        }
+        statements = []
+        for name, params in super()._statements(batch):
+            if name == "complete_jobs":
+                params["sinks"] = [batch.sinks.get(i, "") for i in params["ids"]]
+                params["keep_history"] = self._keep_history
+            statements.append((renamed[name], params))
+        return statements

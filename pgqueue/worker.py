@@ -20,13 +20,13 @@ from pgqueue import db
 from pgqueue.app import DEFAULT_MAX_ATTEMPTS, App, Task
 from pgqueue.config import resolve_schema
 from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
-from pgqueue.heartbeat import HeartbeatThread
+from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
 from pgqueue.listener import Listener
 from pgqueue.names import queue_name
 from pgqueue.outcome import RELEASE, Outcome, decide, format_error
 from pgqueue.scheduler import Scheduler
-from pgqueue.store import JobStore, Settlement
+from pgqueue.store import JobStore, MaintenanceSession, Settlement
 from pgqueue.threads import interrupt_thread
 
 log = logging.getLogger("pgqueue.worker")
@@ -156,12 +156,21 @@ class Worker:
         self._capacity = asyncio.Event()
         self._settle_wake = asyncio.Event()
         self._stop_event = asyncio.Event()
+        # Shutdown waits on this for a flush already under way, instead of cancelling it.
+        self._flush_lock = asyncio.Lock()
         if self._stop_requested:
             self._stop_event.set()
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(signum, self._on_signal, signum)
-        heartbeat = HeartbeatThread(self)
+        heartbeat = HeartbeatThread(
+            self,
+            renew_query="heartbeat_jobs",
+            rescue=self._rescue,
+            prune=self._prune,
+            interval=self.settings.heartbeat_seconds or self.lease_seconds / 3,
+            rescue_interval=self.settings.rescue_seconds or self.lease_seconds / 2,
+        )
         background: list[asyncio.Task[Any]] = []
         try:
             await self.store.execute("register_queues", {"queues": self.queues})
@@ -569,6 +578,10 @@ class Worker:
             await self._flush_pending()
 
     async def _flush_pending(self, *, final: bool = False) -> None:
+        async with self._flush_lock:
+            await self._flush_locked(final=final)
+
+    async def _flush_locked(self, *, final: bool) -> None:
         failures = 0
         while len(self._pending):
             batch, self._pending = self._pending, Settlement()
@@ -613,6 +626,39 @@ class Worker:
                 self.stats.failed += 1
             else:
                 self.stats.released += 1
+
+    # ------------------------------------------------------------ heartbeat thread hooks
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.lease_seconds
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    @property
+    def process(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": "worker",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self.queues,
+            "concurrency": self.settings.concurrency,
+        }
+
+    @staticmethod
+    def _rescue(session: MaintenanceSession) -> int:
+        return rescue_in_batches(
+            session, "rescue_expired", {"default_max_attempts": DEFAULT_MAX_ATTEMPTS}
+        )
+
+    def _prune(self, session: MaintenanceSession) -> None:
+        session.run("prune_processes", {"stale_seconds": max(60.0, self.lease_seconds * 4)})
+        session.run("prune_throughput", {})
+        session.run("advance_stalled_keys", {"limit": 100})
+        session.run("prune_cron_ticks", {})
 
     def on_lease_lost(self, job_ids: set[int]) -> None:
         """Called (thread-safely) when heartbeats find leases taken over."""
@@ -723,7 +769,3 @@ def _entries(batch: Settlement) -> list[tuple[int, uuid.UUID, Outcome]]:
     entries.extend(batch.fail)
     entries.extend((i, t, RELEASE) for i, t in batch.release)
     return entries
-
-
-def hostname() -> str:
-    return socket.gethostname()

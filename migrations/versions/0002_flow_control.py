@@ -146,6 +146,9 @@ DECLARE
     new_id bigint;
     is_active boolean;
     full_queue text;
+    key_queues text[];
+    key_names text[];
+    key_tops bigint[];
     id_sequence regclass := pg_get_serial_sequence('"{s}".jobs', 'id')::regclass;
 BEGIN
     -- Backpressure first, so a full queue leaves the caller's transaction untouched.
@@ -190,19 +193,75 @@ BEGIN
           WHERE u.ordering_key IS NULL AND u.unique_key IS NULL
             AND coalesce(u.run_at, now() + make_interval(secs => u.delay)) <= now()) AS ready;
 
-    -- Keyed and unique jobs in key order, so concurrent bulk enqueues lock keys in one
-    -- order (no deadlock) while each key keeps its input order.
+    -- Keyed jobs (without a unique key), set-based: take each (queue, key) lock in one
+    -- order, so concurrent enqueuers cannot deadlock, reserving a block of sequence
+    -- numbers per key...
+    WITH reserved AS (
+        INSERT INTO "{s}".ordering_keys AS k (scope, key, last_seq)
+        SELECT 'job:' || u.queue, u.ordering_key, count(*)
+        FROM unnest(p_queue, p_ordering_key, p_unique_key) AS u(queue, ordering_key, unique_key)
+        WHERE u.ordering_key IS NOT NULL AND u.unique_key IS NULL
+        GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (scope, key) DO UPDATE
+            SET last_seq = k.last_seq + excluded.last_seq, updated_at = now()
+        RETURNING k.scope, k.key, k.last_seq
+    )
+    SELECT array_agg(substr(scope, 5)), array_agg(key), array_agg(last_seq)
+    INTO key_queues, key_names, key_tops FROM reserved;
+    IF key_names IS NOT NULL THEN
+        -- ...then, in a statement whose snapshot follows those locks, insert: only the
+        -- head of an idle key is available, the rest wait their turn.
+        RETURN QUERY
+        WITH tops AS (
+            SELECT t.queue, t.key, t.top,
+                   EXISTS (SELECT 1 FROM "{s}".jobs AS j
+                           WHERE j.queue = t.queue AND j.ordering_key = t.key
+                             AND j.state IN ('available', 'running'))
+                   OR EXISTS (SELECT 1 FROM "{s}".jobs AS j
+                              WHERE j.queue = t.queue AND j.ordering_key = t.key
+                                AND j.state = 'waiting')
+                   OR EXISTS (SELECT 1 FROM "{s}".dead_jobs AS d
+                              WHERE d.queue = t.queue AND d.ordering_key = t.key
+                                AND d.blocks_key) AS is_active
+            FROM unnest(key_queues, key_names, key_tops) AS t(queue, key, top)
+        ), keyed AS MATERIALIZED (
+            SELECT nextval(id_sequence) AS id, u.*,
+                   row_number() OVER (PARTITION BY u.queue, u.ordering_key ORDER BY u.pos) AS rank,
+                   count(*) OVER (PARTITION BY u.queue, u.ordering_key) AS n
+            FROM unnest(p_queue, p_task, p_args, p_headers, p_priority, p_run_at,
+                        p_delay, p_max_attempts, p_timeout, p_ordering_key, p_unique_key)
+                WITH ORDINALITY AS u(queue, task, args, headers, priority, run_at, delay,
+                                     max_attempts, timeout_seconds, ordering_key, unique_key,
+                                     pos)
+            WHERE u.ordering_key IS NOT NULL AND u.unique_key IS NULL
+        ), inserted AS (
+            INSERT INTO "{s}".jobs (id, queue, task, args, headers, priority, run_at,
+                                    max_attempts, timeout_seconds, ordering_key, key_seq, state)
+            OVERRIDING SYSTEM VALUE
+            SELECT k.id, k.queue, k.task, k.args, k.headers, k.priority,
+                   coalesce(k.run_at, now() + make_interval(secs => k.delay)),
+                   k.max_attempts, k.timeout_seconds, k.ordering_key, t.top - k.n + k.rank,
+                   CASE WHEN k.rank = 1 AND NOT t.is_active THEN 'available' ELSE 'waiting' END
+            FROM keyed AS k JOIN tops AS t ON t.queue = k.queue AND t.key = k.ordering_key
+        )
+        SELECT k.pos, k.id, 'inserted'::text FROM keyed AS k;
+        PERFORM pg_notify('pgqueue_' || left(md5('{s}.' || q), 24), '')
+        FROM (SELECT DISTINCT q FROM unnest(key_queues) AS q) AS woken;
+    END IF;
+
+    -- Jobs with a unique key, one by one (each may wait on a concurrent duplicate), in key
+    -- order so concurrent bulk enqueues lock keys in one order.
     FOR r IN
         SELECT * FROM unnest(p_queue, p_task, p_args, p_headers, p_priority, p_run_at,
                              p_delay, p_max_attempts, p_timeout, p_ordering_key, p_unique_key)
             WITH ORDINALITY AS u(queue, task, args, headers, priority, run_at, delay,
                                  max_attempts, timeout_seconds, ordering_key, unique_key, pos)
-        WHERE u.ordering_key IS NOT NULL OR u.unique_key IS NOT NULL
+        WHERE u.unique_key IS NOT NULL
         ORDER BY u.queue, u.ordering_key NULLS FIRST, u.pos
     LOOP
         IF r.unique_key IS NOT NULL THEN
-            -- A concurrent enqueuer's uncommitted duplicate makes this wait for its
-            -- outcome; no unique violation ever reaches the caller.
+            -- The cheap path for a committed duplicate. An uncommitted one makes the INSERT
+            -- below wait for its outcome; no unique violation ever reaches the caller.
             SELECT j.id INTO new_id FROM "{s}".jobs AS j
             WHERE j.queue = r.queue AND j.unique_key = r.unique_key;
             IF new_id IS NOT NULL THEN
@@ -222,7 +281,10 @@ BEGIN
             -- Fresh snapshot after the key lock: sees heads finished by lock holders.
             SELECT EXISTS (SELECT 1 FROM "{s}".jobs AS j
                            WHERE j.queue = r.queue AND j.ordering_key = r.ordering_key
-                             AND j.state IN ('available', 'running', 'waiting'))
+                             AND j.state IN ('available', 'running'))
+                OR EXISTS (SELECT 1 FROM "{s}".jobs AS j
+                           WHERE j.queue = r.queue AND j.ordering_key = r.ordering_key
+                             AND j.state = 'waiting')
                 OR EXISTS (SELECT 1 FROM "{s}".dead_jobs AS d
                            WHERE d.queue = r.queue AND d.ordering_key = r.ordering_key
                              AND d.blocks_key)

@@ -18,35 +18,15 @@ from pgqueue.retry import RetryPolicy
 def test_public_api_is_pinned() -> None:
     assert sorted(pgqueue.__all__) == sorted(
         [
-            "App",
-            "Cancel",
-            "ConfigurationError",
-            "DatabaseError",
-            "DuplicateJob",
-            "Job",
-            "JobControl",
-            "JobSpec",
-            "JobTimeout",
-            "LeaseLost",
-            "NonRetryable",
-            "NotFound",
-            "PayloadTooLarge",
-            "PgQueueError",
-            "QueueFull",
-            "Retry",
-            "RetryPolicy",
-            "SchemaNotReady",
-            "Snooze",
-            "Task",
-            "Worker",
-            "WorkerSettings",
-            "__version__",
-            "enqueue",
-            "enqueue_async",
-            "enqueue_many",
-            "enqueue_many_async",
+            "App", "Cancel", "ConfigurationError", "DatabaseError", "DuplicateJob", "Job",
+            "JobControl", "JobSpec", "JobTimeout", "LeaseLost", "NonRetryable", "NotFound",
+            "OutboxMessage", "PayloadTooLarge", "PgQueueError", "QueueFull", "Relay",
+            "RelaySettings", "Retry", "RetryPolicy", "Route", "SchemaNotReady", "Snooze",
+            "Task", "Worker", "WorkerSettings", "__version__", "configure_queue", "enqueue",
+            "enqueue_async", "enqueue_many", "enqueue_many_async", "list_queues", "pause_queue",
+            "publish", "publish_async", "publish_many", "publish_many_async", "resume_queue",
         ]
-    )
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("value", ["email", "a", "x" * 48, "billing.v2", "low-prio_1"])

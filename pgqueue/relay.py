@@ -1,0 +1,487 @@
+"""The outbox relay: claim committed messages, deliver them through sinks, settle in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pgqueue.app import App, Route
+from pgqueue.breaker import CircuitBreaker
+from pgqueue.config import resolve_schema
+from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
+from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
+from pgqueue.listener import Listener
+from pgqueue.outbox import outbox_channel
+from pgqueue.outcome import RELEASE, Outcome, format_error
+from pgqueue.sinks import DeliveryError, Message, Sink
+from pgqueue.store import MaintenanceSession, MessageStore, Settlement
+
+log = logging.getLogger("pgqueue.relay")
+
+
+@dataclass
+class RelaySettings:
+    """Tuning knobs; durations in seconds."""
+
+    concurrency: int = 256  # messages in flight in this process, across all sinks
+    lease_seconds: float = 30.0
+    poll_seconds: float = 1.0
+    shutdown_grace_seconds: float = 15.0
+    listen: bool = True
+    batch_size: int = 500
+    retention_seconds: float = 86_400.0  # delivered history kept; 0 keeps none
+    breaker_failures: int = 5
+    breaker_cooldown_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise ValueError("concurrency and batch_size must be >= 1")
+        if not self.lease_seconds > 0 or not self.poll_seconds > 0:
+            raise ValueError("lease_seconds and poll_seconds must be > 0")
+        if self.retention_seconds < 0:
+            raise ValueError("retention_seconds must be >= 0")
+
+
+@dataclass
+class RelayStats:
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    lost: int = 0
+
+
+@dataclass
+class _InFlight:
+    message: Message
+    token: uuid.UUID
+    route: Route | None
+    task: asyncio.Task[None] | None = None
+
+
+class Relay:
+    """Delivers the outbox of ``dsn`` through the routes of ``app``.
+
+    >>> pgqueue.Relay(app, dsn).run()
+    """
+
+    def __init__(
+        self,
+        app: App,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        settings: RelaySettings | None = None,
+    ) -> None:
+        if not app.routes:
+            raise ConfigurationError(
+                "the app has no outbox routes: "
+                "add app.route('topic.*', sink) before running a relay"
+            )
+        self.app = app
+        self.dsn = dsn
+        self.schema = resolve_schema(schema or app.schema)
+        self.settings = settings or RelaySettings()
+        self.id = uuid.uuid4()
+        self.stats = RelayStats()
+        self.exit_code = 0
+        self.store = MessageStore(
+            dsn, self.schema, keep_history=self.settings.retention_seconds > 0
+        )
+        self.leases: dict[int, uuid.UUID] = {}
+        self.lost: set[int] = set()
+        self.breakers = {
+            sink.name: CircuitBreaker(
+                failure_threshold=self.settings.breaker_failures,
+                cooldown_seconds=self.settings.breaker_cooldown_seconds,
+            )
+            for sink in app.sinks()
+        }
+        self._in_flight: dict[int, _InFlight] = {}
+        self._pending = Settlement()
+        self._stopping = False
+        self._stop_requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._capacity: asyncio.Event | None = None
+        self._settle_wake: asyncio.Event | None = None
+        self._stop_event: asyncio.Event | None = None
+
+    # ------------------------------------------------------------ heartbeat hooks
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.lease_seconds
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    @property
+    def process(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": "relay",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": [sink.name for sink in self.app.sinks()],
+            "concurrency": self.settings.concurrency,
+        }
+
+    @staticmethod
+    def _rescue(session: MaintenanceSession) -> int:
+        return rescue_in_batches(session, "rescue_expired_messages", {})
+
+    def _prune(self, session: MaintenanceSession) -> None:
+        session.run("prune_processes", {"stale_seconds": max(60.0, self.lease_seconds * 4)})
+        session.run("prune_outbox_throughput", {})
+        if self.settings.retention_seconds > 0:
+            # Small batches: a long DELETE would hold locks and bloat in one go.
+            session.run(
+                "prune_delivered",
+                {"retention_seconds": self.settings.retention_seconds, "limit": 5000},
+            )
+
+    def on_lease_lost(self, ids: set[int]) -> None:
+        for message_id in ids:
+            if message_id not in self.lost:
+                self.lost.add(message_id)
+                log.warning(
+                    "message %d: lease lost; its delivery result will be discarded", message_id
+                )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self, *, install_signals: bool = True) -> int:
+        """Run until SIGTERM/SIGINT (first: graceful; second: immediate exit)."""
+        return asyncio.run(self.run_async(install_signals=install_signals))
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown from any thread, even before ``run``."""
+        self._stop_requested = True
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None:
+            loop.call_soon_threadsafe(event.set)
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stopping:
+            os._exit(130 if signum == signal.SIGINT else 143)
+        log.info("%s: stopping claims, finishing deliveries", signal.Signals(signum).name)
+        assert self._stop_event is not None
+        self._stop_event.set()
+
+    async def _check_routes(self) -> None:
+        rows = await self.store.execute("pending_topics", {})
+        unrouted = sorted(row["topic"] for row in rows if self.app.route_for(row["topic"]) is None)
+        if unrouted:
+            raise ConfigurationError(
+                f"pending outbox messages have topics no route matches: {', '.join(unrouted)}; "
+                "add app.route(...) for them (or a '*' default route) and restart the relay"
+            )
+
+    async def run_async(self, *, install_signals: bool = False) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self._settle_wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        # Shutdown waits on this for a flush already under way, instead of cancelling it.
+        self._flush_lock = asyncio.Lock()
+        if self._stop_requested:
+            self._stop_event.set()
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(signum, self._on_signal, signum)
+        heartbeat = HeartbeatThread(
+            self,
+            renew_query="heartbeat_messages",
+            rescue=self._rescue,
+            prune=self._prune,
+            interval=self.lease_seconds / 3,
+            rescue_interval=self.lease_seconds / 2,
+        )
+        background: list[asyncio.Task[Any]] = []
+        started: list[Sink] = []
+        try:
+            await self._check_routes()
+            for sink in self.app.sinks():
+                await sink.start()
+                started.append(sink)
+            heartbeat.start()
+            background.append(asyncio.create_task(self._settle_loop(), name="settle"))
+            if self.settings.listen:
+                listener = Listener(
+                    self.dsn, [outbox_channel(self.schema)], self._wake.set, role="relay-listen"
+                )
+                background.append(asyncio.create_task(listener.run(), name="listen"))
+            log.info("relay %s started: sinks=%s", self.id, ",".join(s.name for s in started))
+            fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
+            stop = asyncio.create_task(self._stop_event.wait())
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            self._stopping = True
+            self._wake.set()
+            self._capacity.set()
+            if not fetch.done():
+                await fetch
+            stop.cancel()
+            fetch.result()
+            await self._drain()
+        except (SchemaNotReady, ConfigurationError) as exc:
+            log.error("%s", exc)
+            self.exit_code = 3 if isinstance(exc, SchemaNotReady) else 1
+        finally:
+            self._stopping = True
+            heartbeat.stop()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if heartbeat.is_alive():
+                await asyncio.to_thread(heartbeat.join, 10)
+            try:
+                await asyncio.wait_for(
+                    self.store.execute("unregister_process", {"id": self.id}), timeout=5
+                )
+            except Exception:
+                pass
+            for sink in started:
+                try:
+                    await sink.close()
+                except Exception as exc:
+                    log.warning("closing sink %s failed: %s", sink.name, exc)
+            await self.store.close()
+            log.info("relay %s stopped: %s", self.id, self.stats)
+        return self.exit_code
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+        while self._in_flight and time.monotonic() < deadline:
+            assert self._capacity is not None
+            self._capacity.clear()
+            try:
+                await asyncio.wait_for(self._capacity.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        for flight in list(self._in_flight.values()):
+            self._record(flight, RELEASE)
+            if flight.task is not None:
+                flight.task.cancel()
+        self._in_flight.clear()
+        await self._flush_pending(final=True)
+
+    # ------------------------------------------------------------ claiming and delivering
+
+    async def _fetch_loop(self) -> None:
+        assert self._wake is not None and self._capacity is not None
+        failures = 0
+        while not self._stopping:
+            free = self.settings.concurrency - len(self._in_flight)
+            if free <= 0:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            self._wake.clear()
+            limit = min(free, self.settings.batch_size)
+            try:
+                rows = await self.store.claim_messages(
+                    limit, relay_id=self.id, lease_seconds=self.lease_seconds
+                )
+                failures = 0
+            except SchemaNotReady:
+                raise
+            except DatabaseError as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("claim failed (%s); retrying with backoff", exc)
+                await asyncio.sleep(min(10.0, 0.1 * 2 ** min(failures, 7)))
+                continue
+            for row in rows:
+                self._start(row)
+            if len(rows) == limit:
+                await asyncio.sleep(0)
+                continue
+            if rows:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    def _start(self, row: dict[str, Any]) -> None:
+        created: datetime = row["created_at"]
+        message = Message(
+            id=str(row["message_id"]),
+            sequence=row["id"],
+            topic=row["topic"],
+            key=row["key"],
+            payload=row["payload"],
+            headers=row["headers"] or {},
+            attempt=row["attempts"],
+            created_at=created,
+        )
+        self.stats.claimed += 1
+        flight = _InFlight(message, row["lease_token"], self.app.route_for(message.topic))
+        self.leases[message.sequence] = flight.token
+        self._in_flight[message.sequence] = flight
+        flight.task = asyncio.create_task(self._deliver(flight))
+
+    async def _deliver(self, flight: _InFlight) -> None:
+        message, route = flight.message, flight.route
+        try:
+            outcome = await self._attempt(message, route)
+        except asyncio.CancelledError:
+            if self._stopping:
+                return
+            raise
+        self._in_flight.pop(message.sequence, None)
+        assert self._capacity is not None
+        self._capacity.set()
+        self._record(flight, outcome)
+
+    async def _attempt(self, message: Message, route: Route | None) -> Outcome:
+        if route is None:
+            log.error("message %s: no route matches topic %r", message.id, message.topic)
+            return Outcome(
+                "fail",
+                reason="no_route",
+                error=f"no route matches topic {message.topic!r}: add app.route(...) and "
+                "requeue with `pgqueue outbox requeue`",
+                blocks_key=True,
+            )
+        if message.attempt > route.max_attempts:
+            return Outcome(
+                "fail",
+                reason="max_attempts",
+                error=f"lease expired during the last of {route.max_attempts} attempts",
+                blocks_key=route.dead_blocks_key,
+            )
+        breaker = self.breakers[route.sink.name]
+        allowed, wait = breaker.allow()
+        if not allowed:
+            # The destination is failing: hold the message back without using an attempt.
+            return Outcome(
+                "snooze", delay_seconds=wait, error="circuit open for sink " + route.sink.name
+            )
+        try:
+            await asyncio.wait_for(route.sink.deliver(message), route.timeout_seconds)
+        except DeliveryError as exc:
+            if exc.is_permanent:
+                breaker.record_success()  # the destination answered; it is not down
+                return Outcome(
+                    "fail",
+                    reason="rejected",
+                    error=format_error(exc, with_traceback=False),
+                    blocks_key=route.dead_blocks_key,
+                )
+            breaker.record_failure()
+            return self._retry(message, route, exc, exc.retry_after_seconds)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            breaker.record_failure()
+            return self._retry(message, route, exc, None)
+        breaker.record_success()
+        return Outcome("complete")
+
+    @staticmethod
+    def _retry(message: Message, route: Route, exc: BaseException, after: float | None) -> Outcome:
+        error = format_error(exc, with_traceback=not isinstance(exc, DeliveryError))
+        if message.attempt >= route.max_attempts:
+            return Outcome(
+                "fail", reason="max_attempts", error=error, blocks_key=route.dead_blocks_key
+            )
+        delay = route.retry.delay_seconds(message.attempt)
+        if after is not None:
+            delay = max(delay, after)
+        return Outcome("retry", delay_seconds=delay, error=error)
+
+    # ------------------------------------------------------------ settling
+
+    def _record(self, flight: _InFlight, outcome: Outcome) -> None:
+        message = flight.message
+        if message.sequence in self.lost:
+            self.leases.pop(message.sequence, None)
+            return
+        self._pending.add(message.sequence, flight.token, outcome)
+        if outcome.kind == "complete" and flight.route is not None:
+            self._pending.sinks[message.sequence] = flight.route.sink.name
+        if outcome.kind == "fail":
+            log.warning(
+                "message %s (%s) dead-lettered after attempt %d (%s): %s",
+                message.id,
+                message.topic,
+                message.attempt,
+                outcome.reason,
+                (outcome.error or "").splitlines()[0] if outcome.error else "",
+            )
+        assert self._settle_wake is not None
+        self._settle_wake.set()
+
+    async def _settle_loop(self) -> None:
+        assert self._settle_wake is not None
+        while True:
+            await self._settle_wake.wait()
+            self._settle_wake.clear()
+            await self._flush_pending()
+
+    async def _flush_pending(self, *, final: bool = False) -> None:
+        async with self._flush_lock:
+            await self._flush_locked(final=final)
+
+    async def _flush_locked(self, *, final: bool) -> None:
+        failures = 0
+        while len(self._pending):
+            batch, self._pending = self._pending, Settlement()
+            try:
+                written = await self.store.settle(batch)
+            except DatabaseError as exc:
+                failures += 1
+                self._pending = _merge(batch, self._pending)
+                if failures == 1 or failures % 20 == 0:
+                    log.warning(
+                        "could not write %d delivery outcomes (%s); retrying", len(batch), exc
+                    )
+                if final and failures >= 5:
+                    return
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                continue
+            self._count(batch, written)
+
+    def _count(self, batch: Settlement, written: set[int]) -> None:
+        kinds = (
+            [(i, "complete") for i, _ in batch.complete]
+            + [(i, "retry") for i, _, _ in batch.retry]
+            + [(i, "fail") for i, _, _ in batch.fail]
+            + [(i, "release") for i, _ in batch.release]
+        )
+        for sequence, kind in kinds:
+            self.leases.pop(sequence, None)
+            if sequence not in written:
+                self.stats.lost += 1
+                log.warning(
+                    "message row %d: outcome %r not written, the lease was lost", sequence, kind
+                )
+            elif kind == "complete":
+                self.stats.delivered += 1
+            elif kind == "retry":
+                self.stats.retried += 1
+            elif kind == "fail":
+                self.stats.failed += 1
+
+
+def _merge(first: Settlement, second: Settlement) -> Settlement:
+    merged = Settlement(
+        complete=first.complete + second.complete,
+        retry=first.retry + second.retry,
+        fail=first.fail + second.fail,
+        release=first.release + second.release,
+    )
+    merged.sinks = {**first.sinks, **second.sinks}
+    return merged

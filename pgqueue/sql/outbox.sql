@@ -1,0 +1,119 @@
+-- Named queries on the outbox tables.
+
+-- name: publish_messages
+-- Any number of messages in one round trip; keyed ones take their key's lock, in key order.
+SELECT pos, id, message_id
+FROM {schema}.publish_messages(%(topic)s::text[], %(key)s::text[], %(payload)s::jsonb[],
+                               %(headers)s::jsonb[], %(delay)s::float8[])
+ORDER BY pos
+
+-- name: claim_messages
+-- Lease up to %(limit)s committed, due messages; only key heads are ever pending.
+SELECT id, message_id, topic, key, payload, headers, attempts, lease_token, created_at
+FROM {schema}.claim_messages(%(limit)s, %(relay_id)s, %(lease_seconds)s)
+
+-- name: complete_messages
+-- Delivered: delete (keeping history when retention is on) and advance the keys.
+SELECT id FROM {schema}.complete_messages(%(ids)s::bigint[], %(tokens)s::uuid[],
+                                          %(sinks)s::text[], %(keep_history)s) AS id
+
+-- name: retry_messages
+-- Back to pending after a delay on the database clock; a snooze gives the attempt back.
+UPDATE {schema}.outbox AS o
+SET state = 'pending',
+    available_at = now() + make_interval(secs => a.delay),
+    attempts = o.attempts - CASE WHEN a.is_snooze THEN 1 ELSE 0 END,
+    last_error = coalesce(a.error, o.last_error),
+    lease_token = NULL, lease_expires_at = NULL, relay_id = NULL
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
+            %(errors)s::text[], %(snoozes)s::bool[]) AS a(id, token, delay, error, is_snooze)
+WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+RETURNING o.id
+
+-- name: fail_messages
+-- To the outbox dead letters; the key stays blocked unless the route says continue.
+SELECT id FROM {schema}.fail_messages(%(ids)s::bigint[], %(tokens)s::uuid[], %(reasons)s::text[],
+                                      %(errors)s::text[], %(block_keys)s::boolean[]) AS id
+
+-- name: release_messages
+-- Give messages back at once (shutdown); the attempt is returned.
+UPDATE {schema}.outbox AS o
+SET state = 'pending', attempts = greatest(o.attempts - 1, 0),
+    lease_token = NULL, lease_expires_at = NULL, relay_id = NULL
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
+WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+RETURNING o.id
+
+-- name: heartbeat_messages
+-- Extend the leases this relay still holds; a missing id is a lost lease.
+UPDATE {schema}.outbox AS o
+SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
+WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+RETURNING o.id
+
+-- name: rescue_expired_messages
+-- Messages of a dead relay go back to pending.
+SELECT {schema}.rescue_expired_messages(%(limit)s) AS requeued
+
+-- name: pending_topics
+-- A bounded sample of topics waiting for delivery, to check routes at relay start.
+SELECT DISTINCT topic FROM (
+    SELECT topic FROM {schema}.outbox WHERE state IN ('pending', 'waiting') LIMIT 10000
+) AS sample
+
+-- name: prune_delivered
+-- Drop delivered history past its retention, in small batches (no long locks).
+WITH old AS (
+    SELECT id FROM {schema}.outbox_delivered
+    WHERE delivered_at < now() - make_interval(secs => %(retention_seconds)s)
+    ORDER BY delivered_at LIMIT %(limit)s
+)
+DELETE FROM {schema}.outbox_delivered AS d USING old WHERE d.id = old.id
+
+-- name: prune_outbox_throughput
+-- Keep a day of per-minute outbox counters.
+DELETE FROM {schema}.outbox_throughput WHERE minute < now() - interval '1 day'
+
+-- name: outbox_status
+-- Per topic: pending, waiting behind a key, in flight, dead, oldest pending age.
+WITH live AS (
+    SELECT topic,
+           count(*) FILTER (WHERE state = 'pending') AS pending,
+           count(*) FILTER (WHERE state = 'waiting') AS waiting,
+           count(*) FILTER (WHERE state = 'inflight') AS in_flight,
+           min(created_at) FILTER (WHERE state = 'pending' AND available_at <= now())
+               AS oldest_pending_at
+    FROM {schema}.outbox GROUP BY topic
+), dead AS (
+    SELECT topic, count(*) AS dead FROM {schema}.outbox_dead GROUP BY topic
+)
+SELECT coalesce(l.topic, d.topic) AS topic,
+       coalesce(l.pending, 0) AS pending, coalesce(l.waiting, 0) AS waiting,
+       coalesce(l.in_flight, 0) AS in_flight, coalesce(d.dead, 0) AS dead,
+       coalesce(extract(epoch FROM now() - l.oldest_pending_at), 0)::float8
+           AS oldest_pending_seconds
+FROM live AS l FULL JOIN dead AS d ON d.topic = l.topic
+ORDER BY 1
+
+-- name: requeue_dead_messages
+-- Move dead messages back to the outbox (same message id): a key's blocking head goes
+-- back as its head; others rejoin their key's line.
+WITH picked AS (
+    DELETE FROM {schema}.outbox_dead AS d
+    WHERE (%(topic)s::text IS NULL OR d.topic = %(topic)s)
+      AND (%(ids)s::bigint[] IS NULL OR d.id = ANY(%(ids)s::bigint[]))
+    RETURNING d.*
+)
+INSERT INTO {schema}.outbox AS o
+    (id, message_id, topic, key, key_seq, payload, headers, state, attempts, created_at)
+OVERRIDING SYSTEM VALUE
+SELECT id, message_id, topic, key, key_seq, payload, headers,
+       CASE WHEN key IS NULL OR blocks_key
+                 OR NOT EXISTS (SELECT 1 FROM {schema}.outbox AS x
+                                WHERE x.key = picked.key
+                                  AND x.state IN ('pending', 'inflight'))
+            THEN 'pending' ELSE 'waiting' END,
+       0, created_at
+FROM picked
+RETURNING o.id
