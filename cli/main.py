@@ -211,6 +211,7 @@ def worker(
         poll_seconds=poll_seconds,
         batch_size=batch_size,
         listen=listen,
+        metrics_port=metrics_port,
     )
     runner = Worker(tasks, resolve_dsn(dsn), queues=queue or None, schema=schema, settings=settings)
     raise typer.Exit(runner.run())
@@ -253,6 +254,7 @@ def relay(
         poll_seconds=poll_seconds,
         retention_seconds=retention_seconds,
         listen=listen,
+        metrics_port=metrics_port,
     )
     runner = Relay(routes, resolve_dsn(dsn), schema=schema, settings=settings)
     raise typer.Exit(runner.run())
@@ -414,11 +416,13 @@ def demo(
 
 
 def _register_groups() -> None:
+    from pgqueue.cli.operations import register
     from pgqueue.cli.outbox import outbox_app
     from pgqueue.cli.queues import queues_app
 
     app.add_typer(queues_app, name="queues")
     app.add_typer(outbox_app, name="outbox")
+    register(app)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from pgqueue import db
 from pgqueue.config import resolve_schema
 from pgqueue.names import queue_name
+from pgqueue.operations import record
 
 
 class _Unset:
@@ -83,7 +84,11 @@ def configure_queue(
     rows = db.run_sync(
         db.sync_connection(conn), db.queries(resolve_schema(schema))["configure_queue"], params
     )
-    return QueueSettings(**rows[0])
+    settings = QueueSettings(**rows[0])
+    action = {True: "queue.pause", False: "queue.resume", None: "queue.configure"}[is_paused]
+    changes = {k: v for k, v in params.items() if not k.startswith("set_") and k != "name"}
+    record(conn, action, f"queue {settings.name}", 1, changes, schema=schema)
+    return settings
 
 
 def pause_queue(conn: Any, name: str, *, schema: str | None = None) -> QueueSettings:

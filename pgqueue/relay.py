@@ -19,6 +19,7 @@ from pgqueue.config import resolve_schema
 from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.listener import Listener
+from pgqueue.metrics import Metrics
 from pgqueue.outbox import outbox_channel
 from pgqueue.outcome import RELEASE, Outcome, format_error
 from pgqueue.sinks import DeliveryError, Message, Sink
@@ -40,6 +41,7 @@ class RelaySettings:
     retention_seconds: float = 86_400.0  # delivered history kept; 0 keeps none
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 2.0
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.batch_size < 1:
@@ -105,6 +107,7 @@ class Relay:
             )
             for sink in app.sinks()
         }
+        self.metrics = Metrics() if self.settings.metrics_port is not None else None
         self._in_flight: dict[int, _InFlight] = {}
         self._pending = Settlement()
         self._stopping = False
@@ -136,9 +139,12 @@ class Relay:
             "concurrency": self.settings.concurrency,
         }
 
-    @staticmethod
-    def _rescue(session: MaintenanceSession) -> int:
-        return rescue_in_batches(session, "rescue_expired_messages", {})
+    def _rescue(self, session: MaintenanceSession) -> int:
+        rescued = rescue_in_batches(session, "rescue_expired_messages", {})
+        if self.metrics is not None:
+            rows = session.run("outbox_status", {})
+            self.metrics.outbox_lag.set(max((r["oldest_pending_seconds"] for r in rows), default=0))
+        return rescued
 
     def _prune(self, session: MaintenanceSession) -> None:
         session.run("prune_processes", {"stale_seconds": max(60.0, self.lease_seconds * 4)})
@@ -211,6 +217,8 @@ class Relay:
         background: list[asyncio.Task[Any]] = []
         started: list[Sink] = []
         try:
+            if self.metrics is not None and self.settings.metrics_port is not None:
+                self.metrics.serve(self.settings.metrics_port)
             await self._check_routes()
             for sink in self.app.sinks():
                 await sink.start()
@@ -371,7 +379,19 @@ class Relay:
             )
         try:
             await asyncio.wait_for(route.sink.deliver(message), route.timeout_seconds)
-        except DeliveryError as exc:
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.delivery_failed.labels(route.sink.name).inc()
+            return self._failed(message, route, breaker, exc)
+        breaker.record_success()
+        if self.metrics is not None:
+            self.metrics.delivered.labels(route.sink.name).inc()
+        return Outcome("complete")
+
+    def _failed(
+        self, message: Message, route: Route, breaker: CircuitBreaker, exc: BaseException
+    ) -> Outcome:
+        if isinstance(exc, DeliveryError):
             if exc.is_permanent:
                 breaker.record_success()  # the destination answered; it is not down
                 return Outcome(
@@ -382,13 +402,9 @@ class Relay:
                 )
             breaker.record_failure()
             return self._retry(message, route, exc, exc.retry_after_seconds)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            breaker.record_failure()
-            return self._retry(message, route, exc, None)
-        breaker.record_success()
-        return Outcome("complete")
+        # Any other failure (timeout, connection, a bug in a sink) is transient.
+        breaker.record_failure()
+        return self._retry(message, route, exc, None)
 
     @staticmethod
     def _retry(message: Message, route: Route, exc: BaseException, after: float | None) -> Outcome:

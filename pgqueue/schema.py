@@ -294,4 +294,33 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("failed", BigInteger, nullable=False, server_default=text("0")),
         PrimaryKeyConstraint("topic", "minute", name="outbox_throughput_pkey"),
     )
+    Table(
+        "audit_log",
+        metadata,
+        Column("id", BigInteger, Identity(always=True)),
+        Column("at", tz, nullable=False, server_default=_now()),
+        Column("role", Text, nullable=False, server_default=text("CURRENT_USER")),
+        Column("action", Text, nullable=False),
+        Column("target", Text, nullable=False),
+        Column("count", BigInteger, nullable=False),
+        Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+        PrimaryKeyConstraint("id", name="audit_log_pkey"),
+        Index("audit_log_at_idx", "at"),
+    )
+
+    Table(
+        "job_events",
+        metadata,
+        Column("id", BigInteger, Identity(always=True)),
+        Column("at", tz, nullable=False, server_default=_now()),
+        Column("job_id", BigInteger, nullable=False),
+        Column("queue", Text, nullable=False),
+        Column("task", Text, nullable=False),
+        Column("event", Text, nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("worker_id", UUID),
+        PrimaryKeyConstraint("id", name="job_events_pkey"),
+        Index("job_events_job_idx", "job_id", "id"),
+        Index("job_events_at_idx", "at"),
+    )
     return metadata

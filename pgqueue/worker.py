@@ -23,6 +23,7 @@ from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
 from pgqueue.listener import Listener
+from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
 from pgqueue.outcome import RELEASE, Outcome, decide, format_error
 from pgqueue.scheduler import Scheduler
@@ -49,6 +50,7 @@ class WorkerSettings:
     listen: bool = True
     batch_size: int | None = None  # default: concurrency
     run_periodic: bool = True  # enqueue the app's cron ticks (once per tick across workers)
+    metrics_port: int | None = None  # serve Prometheus metrics on this port
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -107,6 +109,7 @@ class Worker:
         # thread keeps these leases alive, so a slow settle never loses a finished job.
         self.leases: dict[int, uuid.UUID] = {}
         self.lost: set[int] = set()
+        self._labels: dict[int, tuple[str, str]] = {}
         self._pending = Settlement()
         self._stopping = False
         self._stop_requested = False
@@ -120,6 +123,9 @@ class Worker:
         )
         self._abandoned_threads = 0
         self.scheduler: Scheduler | None = None
+        self.metrics: Metrics | None = None
+        if self.settings.metrics_port is not None:
+            self.metrics = Metrics()
         self._sync_connections: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
         self._async_connections: list[Any] = []
         self._task_max_attempts = {name: t.max_attempts for name, t in app.tasks.items()}
@@ -173,6 +179,8 @@ class Worker:
         )
         background: list[asyncio.Task[Any]] = []
         try:
+            if self.metrics is not None and self.settings.metrics_port is not None:
+                self.metrics.serve(self.settings.metrics_port)
             await self.store.execute("register_queues", {"queues": self.queues})
             heartbeat.start()
             background.append(asyncio.create_task(self._settle_loop(), name="settle"))
@@ -338,6 +346,8 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         self.stats.claimed += 1
+        if self.metrics is not None:
+            self.metrics.started.labels(job.queue, job.task).inc()
         self.leases[job.id] = job.lease_token
         running = _Running(job)
         self._running[job.id] = running
@@ -436,7 +446,12 @@ class Worker:
                     error=f"args must be a JSON object, found {type(job.args).__name__}",
                 )
             else:
+                began = time.perf_counter()
                 outcome = await self._call(running, task)
+                if self.metrics is not None:
+                    self.metrics.duration.labels(job.queue, job.task).observe(
+                        time.perf_counter() - began
+                    )
         except asyncio.CancelledError:
             if self._stopping or job.id in self.lost:
                 # Shutdown released it already, or another worker holds it now.
@@ -546,6 +561,8 @@ class Worker:
             task = self.app.tasks.get(job.task)
             outcome = replace(outcome, blocks_key=task.dead_blocks_key if task else True)
         self._pending.add(job.id, job.lease_token, outcome)
+        if self.metrics is not None:
+            self._labels[job.id] = (job.queue, job.task)
         if outcome.kind == "fail":
             log.warning(
                 "job %d (%s) dead-lettered after attempt %d/%d (%s): %s",
@@ -609,6 +626,16 @@ class Worker:
     def _count(self, batch: Settlement, written: set[int]) -> None:
         for job_id, _token, outcome in _entries(batch):
             self.leases.pop(job_id, None)
+            labels = self._labels.pop(job_id, None)
+            if self.metrics is not None and labels is not None:
+                if job_id not in written:
+                    self.metrics.lease_lost.inc()
+                elif outcome.kind == "complete":
+                    self.metrics.succeeded.labels(*labels).inc()
+                elif outcome.kind == "retry":
+                    self.metrics.retried.labels(*labels).inc()
+                elif outcome.kind == "fail":
+                    self.metrics.dead.labels(*labels).inc()
             if job_id not in written:
                 self.stats.lost += 1
                 log.warning(
@@ -648,11 +675,13 @@ class Worker:
             "concurrency": self.settings.concurrency,
         }
 
-    @staticmethod
-    def _rescue(session: MaintenanceSession) -> int:
-        return rescue_in_batches(
+    def _rescue(self, session: MaintenanceSession) -> int:
+        rescued = rescue_in_batches(
             session, "rescue_expired", {"default_max_attempts": DEFAULT_MAX_ATTEMPTS}
         )
+        if self.metrics is not None:
+            self.metrics.sample_queues(session.run("queue_stats", {}))
+        return rescued
 
     def _prune(self, session: MaintenanceSession) -> None:
         session.run("prune_processes", {"stale_seconds": max(60.0, self.lease_seconds * 4)})

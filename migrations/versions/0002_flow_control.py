@@ -164,6 +164,11 @@ BEGIN
                      FROM unnest(p_queue) WITH ORDINALITY AS u(queue, pos);
         RETURN;
     END IF;
+    -- Every queue that ever got a job is listed (and pausable) in pgqueue.queues; an
+    -- existing row costs one index probe and takes no lock.
+    INSERT INTO "{s}".queues (name)
+    SELECT DISTINCT u.queue FROM unnest(p_queue) AS u(queue) ORDER BY 1
+    ON CONFLICT (name) DO NOTHING;
 
     -- Ids are drawn up front (in input order), so no join is needed to report them.
     RETURN QUERY
