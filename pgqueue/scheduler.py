@@ -76,14 +76,15 @@ class Scheduler:
         last = self._last.get(entry.name)
         if last is not None and latest <= last:
             return
-        if entry.backfill and last is not None:
-            ticks = entry.schedule.ticks_between(last, latest, MAX_BACKFILL)
-        else:
+        if last is None:
             ticks = [latest]
-            if now - latest > timedelta(seconds=entry.misfire_grace_seconds):
-                # Missed while no worker ran: skip it (no flood after downtime).
-                self._last[entry.name] = latest
-                return
+        else:
+            ticks = entry.schedule.ticks_between(last, latest, MAX_BACKFILL)
+        if not entry.backfill:
+            # Ticks missed while no worker ran are skipped (no flood after downtime); a
+            # scheduler that merely ran late still enqueues every tick within the grace.
+            grace = timedelta(seconds=entry.misfire_grace_seconds)
+            ticks = [tick for tick in ticks if now - tick <= grace]
         for tick in ticks:
             await self._enqueue_tick(entry, tick)
         self._last[entry.name] = latest

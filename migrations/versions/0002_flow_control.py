@@ -149,6 +149,7 @@ DECLARE
     key_queues text[];
     key_names text[];
     key_tops bigint[];
+    mixed_keys text[];
     id_sequence regclass := pg_get_serial_sequence('"{s}".jobs', 'id')::regclass;
 BEGIN
     -- Backpressure first, so a full queue leaves the caller's transaction untouched.
@@ -201,11 +202,18 @@ BEGIN
     -- Keyed jobs (without a unique key), set-based: take each (queue, key) lock in one
     -- order, so concurrent enqueuers cannot deadlock, reserving a block of sequence
     -- numbers per key...
+    -- Keys that also have a job with a unique key in this call go through the loop below
+    -- as a whole, so that their jobs keep input order.
+    SELECT array_agg(DISTINCT u.queue || chr(31) || u.ordering_key) INTO mixed_keys
+    FROM unnest(p_queue, p_ordering_key, p_unique_key) AS u(queue, ordering_key, unique_key)
+    WHERE u.ordering_key IS NOT NULL AND u.unique_key IS NOT NULL;
+    mixed_keys := coalesce(mixed_keys, '{{}}');
     WITH reserved AS (
         INSERT INTO "{s}".ordering_keys AS k (scope, key, last_seq)
         SELECT 'job:' || u.queue, u.ordering_key, count(*)
         FROM unnest(p_queue, p_ordering_key, p_unique_key) AS u(queue, ordering_key, unique_key)
         WHERE u.ordering_key IS NOT NULL AND u.unique_key IS NULL
+          AND NOT (u.queue || chr(31) || u.ordering_key = ANY(mixed_keys))
         GROUP BY 1, 2 ORDER BY 1, 2
         ON CONFLICT (scope, key) DO UPDATE
             SET last_seq = k.last_seq + excluded.last_seq, updated_at = now()
@@ -239,6 +247,7 @@ BEGIN
                                      max_attempts, timeout_seconds, ordering_key, unique_key,
                                      pos)
             WHERE u.ordering_key IS NOT NULL AND u.unique_key IS NULL
+              AND NOT (u.queue || chr(31) || u.ordering_key = ANY(mixed_keys))
         ), inserted AS (
             INSERT INTO "{s}".jobs (id, queue, task, args, headers, priority, run_at,
                                     max_attempts, timeout_seconds, ordering_key, key_seq, state)
@@ -262,6 +271,7 @@ BEGIN
             WITH ORDINALITY AS u(queue, task, args, headers, priority, run_at, delay,
                                  max_attempts, timeout_seconds, ordering_key, unique_key, pos)
         WHERE u.unique_key IS NOT NULL
+           OR (u.ordering_key IS NOT NULL AND u.queue || chr(31) || u.ordering_key = ANY(mixed_keys))
         ORDER BY u.queue, u.ordering_key NULLS FIRST, u.pos
     LOOP
         IF r.unique_key IS NOT NULL THEN

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import time
 from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
@@ -269,6 +270,10 @@ def retry_after(value: str | None, *, now: datetime | None = None) -> float | No
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+# A DNS name, an IPv4 address or an IPv6 literal (already without its brackets).
+_HOST = re.compile(r"[A-Za-z0-9.\-_]+|[0-9A-Fa-f:.%]+")
+
+
 def _checked_url(name: str, url: str) -> str:
     if not isinstance(url, str):
         raise TypeError(f"sink {name!r}: url must be a str, got {type(url).__name__}")
@@ -283,6 +288,12 @@ def _checked_url(name: str, url: str) -> str:
         )
     if not parts.hostname:
         raise ValueError(f"sink {name!r}: url has no host; write e.g. https://example.com/hook")
+    if any(ch.isspace() or ch in "<>\"{}|\\^`" for ch in url) or not _HOST.fullmatch(
+        parts.hostname.strip("[]")
+    ):
+        raise ValueError(
+            f"sink {name!r}: url does not parse (spaces or characters not allowed in a URL)"
+        )
     try:
         httpx.URL(url)
     except httpx.InvalidURL as exc:
