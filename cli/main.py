@@ -192,6 +192,9 @@ def worker(
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
     ] = True,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+    ] = None,
     dsn: DsnOption = None,
     schema: SchemaOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
@@ -214,7 +217,13 @@ def worker(
         metrics_port=metrics_port,
     )
     runner = Worker(tasks, resolve_dsn(dsn), queues=queue or None, schema=schema, settings=settings)
-    raise typer.Exit(runner.run())
+    code = runner.run()
+    # Jobs still running on handler threads were released (given back to the queue); the
+    # process must not wait for those threads, or a released job would keep running here.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @app.command()
@@ -235,6 +244,9 @@ def relay(
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
     ] = True,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+    ] = None,
     dsn: DsnOption = None,
     schema: SchemaOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
@@ -302,19 +314,70 @@ def enqueue(
 @app.command()
 @friendly
 def status(
-    dsn: DsnOption = None, schema: SchemaOption = None, json_output: JsonOption = False
+    dsn: DsnOption = None,
+    schema: SchemaOption = None,
+    json_output: JsonOption = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Exit 5 when a threshold is crossed or pgqueue.health says critical.",
+        ),
+    ] = False,
+    max_lag: Annotated[
+        float | None,
+        typer.Option(min=0, help="Check: oldest ready job of any queue older than SECONDS."),
+    ] = None,
+    max_dead: Annotated[
+        int | None,
+        typer.Option(min=0, help="Check: more than N dead letters (jobs and outbox messages)."),
+    ] = None,
+    max_outbox_lag: Annotated[
+        float | None,
+        typer.Option(min=0, help="Check: oldest undelivered outbox message older than SECONDS."),
+    ] = None,
 ) -> None:
-    """Per queue: jobs by state, age of the oldest ready job (lag), recent throughput."""
+    """Per queue: jobs by state, age of the oldest ready job (lag), recent throughput.
+
+    With --check (implied by any --max-...): exit 5 and say which threshold was crossed,
+    or why the health verdict is critical; exit 0 otherwise. For cron and probes.
+    """
     from pgqueue.status import STATUS_COLUMNS, queue_status
 
-    rows = queue_status(resolve_dsn(dsn), schema)
-    if json_output:
-        typer.echo(json.dumps([{k: row[k] for k in STATUS_COLUMNS} for row in rows]))
+    from .operations import check_problems, health_and_dead_messages, plain
+
+    target = resolve_dsn(dsn)
+    rows = queue_status(target, schema)
+    queues = [{k: row[k] for k in STATUS_COLUMNS} for row in rows]
+    if not (check or max_lag is not None or max_dead is not None or max_outbox_lag is not None):
+        if json_output:
+            typer.echo(json.dumps(queues))
+        else:
+            print_status(rows)
         return
-    print_status(rows)
+    health, dead_messages = health_and_dead_messages(target, schema)
+    problems = check_problems(
+        rows,
+        health,
+        max_lag=max_lag,
+        max_dead=max_dead,
+        max_outbox_lag=max_outbox_lag,
+        dead_messages=dead_messages,
+    )
+    if json_output:
+        report = {"ok": not problems, "problems": problems, "queues": queues, "health": health}
+        typer.echo(json.dumps(plain(report)))
+    else:
+        print_status(rows, health)
+        for problem in problems:
+            typer.echo(f"check failed: {problem}", err=True)
+        if not problems:
+            typer.echo("check passed: no threshold crossed")
+    if problems:
+        raise typer.Exit(5)
 
 
-def print_status(rows: list[dict[str, Any]]) -> None:
+def print_status(rows: list[dict[str, Any]], health: dict[str, Any] | None = None) -> None:
     from pgqueue.status import STATUS_COLUMNS
 
     table = Table(title="pgqueue status")
@@ -325,6 +388,9 @@ def print_status(rows: list[dict[str, Any]]) -> None:
     if not rows:
         table.caption = "no queues yet"
     console.print(table)
+    if health is not None:
+        reasons = f": {health['reasons']}" if health.get("reasons") else ""
+        console.print(f"health: {health['verdict']}{reasons}", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------- dev and demo
@@ -382,7 +448,10 @@ def demo(
         )
         shop.place_orders(target, orders)
         total = shop.remaining(target)
-        console.print(f"{total} jobs committed (one order was rolled back: it left no job).")
+        console.print(
+            f"{total} jobs and outbox messages committed "
+            "(one order was rolled back: it left no job)."
+        )
         with Progress(
             "[progress.description]{task.description}",
             BarColumn(),
@@ -390,14 +459,16 @@ def demo(
             TimeElapsedColumn(),
             console=console,
         ) as progress:
-            bar = progress.add_task("running jobs", total=total)
+            bar = progress.add_task("jobs and deliveries", total=total)
             shop.run_workers(
                 target, on_progress=lambda left: progress.update(bar, completed=total - left)
             )
         facts = shop.verify(target)
         console.print(
             f"Receipts sent: {facts['receipts_sent']} of {facts['orders']} orders "
-            f"(each with its ack, in one transaction). Dead letters: {facts['dead_letters']}."
+            f"(each with its ack, in one transaction). Dead letters: {facts['dead_letters']}.\n"
+            f"order.created events delivered by the relay: {facts['events_delivered']}, "
+            f"per-customer order kept: {'yes' if facts['events_in_key_order'] else 'NO'}."
         )
         print_status(queue_status(target))
         from pgqueue import db

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from pgqueue.errors import (
     ConfigurationError,
@@ -69,6 +70,7 @@ def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connecti
     """A pgqueue-owned sync session: named, with timeouts, errors translated."""
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, **connect_kwargs(role))
+        _fast_json(conn)
         query, params = session_settings()
         conn.execute(query, params)
         if not autocommit:
@@ -76,6 +78,15 @@ def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connecti
         return conn
     except psycopg.Error as exc:
         raise translate_error(exc) from None
+
+
+def _fast_json(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """Decode jsonb with orjson on pgqueue-owned sessions when it is installed (3-5x faster)."""
+    try:
+        import orjson
+    except ImportError:
+        return
+    set_json_loads(orjson.loads, conn)
 
 
 async def connect_async(
@@ -86,6 +97,7 @@ async def connect_async(
         conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=autocommit, **connect_kwargs(role)
         )
+        _fast_json(conn)
         query, params = session_settings()
         await conn.execute(query, params)
         if not autocommit:

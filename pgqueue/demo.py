@@ -15,10 +15,23 @@ from pgqueue.app import App
 from pgqueue.enqueue import JobSpec, enqueue, enqueue_many
 from pgqueue.errors import Retry
 from pgqueue.job import Job
+from pgqueue.outbox import OutboxMessage, publish_many
+from pgqueue.relay import Relay, RelaySettings
 from pgqueue.retry import RetryPolicy
+from pgqueue.sinks import Message
+from pgqueue.sinks.local import CallableSink
 from pgqueue.worker import Worker, WorkerSettings
 
 app = App()
+# Deliveries the demo's relay made, per customer key, in order (the "outside world").
+delivered: dict[str, list[int]] = {}
+
+
+def _record_delivery(message: Message) -> None:
+    delivered.setdefault(message.key or "", []).append(int(message.payload["order_id"]))
+
+
+app.route("order.*", CallableSink("demo-events", _record_delivery))
 FAST_RETRY = RetryPolicy(base_seconds=0.2, max_seconds=1.0)
 
 
@@ -79,6 +92,13 @@ def place_orders(dsn: str, count: int, *, per_transaction: int = 100) -> int:
                     if i % 500 == 0
                 ]
                 enqueue_many(conn, jobs)
+                publish_many(
+                    conn,
+                    [
+                        OutboxMessage("order.created", {"order_id": i}, key=f"customer-{i % 97}")
+                        for i in ids
+                    ],
+                )
             next_id = ids[-1] + 1
         conn.commit()
         # A rolled-back transaction leaves neither the order nor its job.
@@ -102,23 +122,27 @@ class _Rollback(Exception):
 
 
 def remaining(dsn: str) -> int:
-    """Jobs not yet finished (ready, scheduled or running)."""
+    """Jobs not yet finished plus outbox messages not yet delivered."""
     with db.connect(dsn, "demo") as conn:
-        row = conn.execute("SELECT count(*) FROM pgqueue.jobs").fetchone()
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM pgqueue.jobs) + (SELECT count(*) FROM pgqueue.outbox)"
+        ).fetchone()
     return int(row[0]) if row else 0
 
 
 def run_workers(
     dsn: str, *, processes: int = 2, on_progress: Callable[[int], Any] | None = None
 ) -> list[Worker]:
-    """Run ``processes`` workers (threads here) until no job is left."""
+    """Run ``processes`` workers and one relay (threads here) until nothing is left."""
     workers = [
         Worker(app, dsn, settings=WorkerSettings(concurrency=16, lease_seconds=10))
         for _ in range(processes)
     ]
+    relay = Relay(app, dsn, settings=RelaySettings(lease_seconds=10, retention_seconds=3600))
+    runners: list[Worker | Relay] = [*workers, relay]
     threads = [
-        threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True)
-        for w in workers
+        threading.Thread(target=r.run, kwargs={"install_signals": False}, daemon=True)
+        for r in runners
     ]
     for thread in threads:
         thread.start()
@@ -129,8 +153,8 @@ def run_workers(
         if left == 0:
             break
         time.sleep(0.2)
-    for worker in workers:
-        worker.request_stop()
+    for runner in runners:
+        runner.request_stop()
     for thread in threads:
         thread.join(30)
     return workers
@@ -144,4 +168,11 @@ def verify(dsn: str) -> dict[str, int]:
         ).fetchone()
         dead = conn.execute("SELECT count(*) FROM pgqueue.dead_jobs").fetchone()
     assert row is not None and dead is not None
-    return {"receipts_sent": int(row[0]), "orders": int(row[1]), "dead_letters": int(dead[0])}
+    in_order = all(ids == sorted(ids) for ids in delivered.values())
+    return {
+        "receipts_sent": int(row[0]),
+        "orders": int(row[1]),
+        "dead_letters": int(dead[0]),
+        "events_delivered": sum(len(ids) for ids in delivered.values()),
+        "events_in_key_order": int(in_order),
+    }

@@ -15,7 +15,7 @@ class TransactionProvider(Protocol):
     def transaction(self, job: Job) -> Any: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     """A claimed job, passed to the handler as its first argument.
 

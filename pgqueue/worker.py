@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -111,6 +112,12 @@ class Worker:
         self.lost: set[int] = set()
         self._labels: dict[int, tuple[str, str]] = {}
         self._pending = Settlement()
+        self._ready: deque[_Running] = deque()
+        self._idle_lanes: list[asyncio.Future[None]] = []
+        self._lanes: set[asyncio.Task[None]] = set()
+        self._waking = 0
+        batch = self.settings.batch_size or self.settings.concurrency
+        self._least = max(1, min(batch, self.settings.concurrency) // 4)
         self._stopping = False
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,7 +136,7 @@ class Worker:
         self._sync_connections: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
         self._async_connections: list[Any] = []
         self._task_max_attempts = {name: t.max_attempts for name, t in app.tasks.items()}
-        self._signatures = {name: inspect.signature(t.handler) for name, t in app.tasks.items()}
+        self._signatures = {name: _Parameters(t.handler) for name, t in app.tasks.items()}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -214,9 +221,9 @@ class Worker:
         finally:
             self._stopping = True
             heartbeat.stop()
-            for task in background:
+            for task in [*background, *self._lanes]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._lanes, return_exceptions=True)
             await asyncio.to_thread(heartbeat.join, 10)
             try:
                 await asyncio.wait_for(
@@ -232,6 +239,11 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let in-flight jobs finish within the grace period, then release the rest."""
+        # Claimed but not started: give them back at once, they never began.
+        while self._ready:
+            waiting = self._ready.popleft()
+            self._running.pop(waiting.job.id, None)
+            self._record(waiting.job, RELEASE)
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds
         while self._running and time.monotonic() < deadline:
             assert self._capacity is not None
@@ -247,6 +259,8 @@ class Worker:
             if running.task is not None:
                 running.task.cancel()
             self._running.pop(job.id, None)
+        for waiter in self._idle_lanes:
+            waiter.cancel()
         await self._flush_pending(final=True)
 
     # ------------------------------------------------------------ claiming
@@ -256,9 +270,12 @@ class Worker:
         batch_size = self.settings.batch_size or self.settings.concurrency
         failures = 0
         rotation = 0
+        # While jobs run, wait until a worthwhile share of the slots is free: a claim is a
+        # round trip and a commit, and many tiny claims cost more than they bring.
+        least = self._least
         while not self._stopping:
             free = self.settings.concurrency - len(self._running)
-            if free <= 0:
+            if free <= 0 or (free < least and self._running):
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
@@ -311,12 +328,14 @@ class Worker:
             except asyncio.TimeoutError:
                 pass
 
-    def _dispatch(self, rows: list[dict[str, Any]]) -> None:
+    def _dispatch(self, rows: list[tuple[Any, ...]]) -> None:
         """Start claimed jobs: one runner per job, or per batch for batch tasks."""
         batches: dict[str, list[Job]] = {}
+        tasks = self.app.tasks
         for row in rows:
-            job = self._job(row)
-            task = self.app.tasks.get(job.task)
+            # Column order of the claim_jobs query.
+            job = Job(*row, _provider=self)  # type: ignore[misc]
+            task = tasks.get(job.task)
             if task is not None and task.batch_size is not None:
                 batches.setdefault(task.name, []).append(job)
             else:
@@ -326,24 +345,6 @@ class Worker:
             for index in range(0, len(jobs), size):
                 self._start_batch(jobs[index : index + size])
 
-    def _job(self, row: dict[str, Any]) -> Job:
-        return Job(
-            id=row["id"],
-            queue=row["queue"],
-            task=row["task"],
-            args=row["args"],
-            headers=row["headers"] or {},
-            priority=row["priority"],
-            attempt=row["attempts"],
-            max_attempts=row["max_attempts"],
-            timeout_seconds=row["timeout_seconds"],
-            lease_token=row["lease_token"],
-            ordering_key=row["ordering_key"],
-            created_at=row["created_at"],
-            run_at=row["run_at"],
-            _provider=self,
-        )
-
     def _start(self, job: Job) -> None:
         self.stats.claimed += 1
         if self.metrics is not None:
@@ -351,7 +352,56 @@ class Worker:
         self.leases[job.id] = job.lease_token
         running = _Running(job)
         self._running[job.id] = running
-        running.task = asyncio.create_task(self._execute(running))
+        self._ready.append(running)
+        if not self._waking:
+            self._wake_lane()
+
+    def _slot_freed(self) -> None:
+        # Wake the claim loop only when a claim is worth it (or for shutdown's drain).
+        if not self._running or self.settings.concurrency - len(self._running) >= self._least:
+            assert self._capacity is not None
+            self._capacity.set()
+
+    # Jobs run on long-lived "lanes" rather than one new task per job: a lane that takes a
+    # job while more are waiting wakes one more lane first, so handlers that block on I/O
+    # fan out to up to `concurrency` lanes, while handlers that finish without waiting are
+    # run back to back by one lane, without creating and scheduling a task for each.
+
+    def _wake_lane(self) -> None:
+        while self._idle_lanes:
+            waiter = self._idle_lanes.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking += 1
+                return
+        if len(self._lanes) < self.settings.concurrency:
+            lane = asyncio.create_task(self._lane(), name="lane")
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
+            self._waking += 1
+
+    async def _lane(self) -> None:
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        self._waking -= 1
+        while True:
+            if self._ready:
+                running = self._ready.popleft()
+                if self._ready and not self._waking:
+                    self._wake_lane()
+                running.task = me
+                await self._execute(running)
+                running.task = None
+                continue
+            if self._stopping:
+                return
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._idle_lanes.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                return
+            self._waking -= 1
 
     def _start_batch(self, jobs: list[Job]) -> None:
         self.stats.claimed += len(jobs)
@@ -386,8 +436,7 @@ class Worker:
                     self._running.pop(job.id, None)
                     if job.id in self.lost:
                         self.leases.pop(job.id, None)
-                assert self._capacity is not None
-                self._capacity.set()
+                self._slot_freed()
                 return
             raise
         except BaseException as exc:
@@ -408,8 +457,7 @@ class Worker:
                     non_retryable=task.non_retryable,
                 )
             self._record(job, outcome)
-        assert self._capacity is not None
-        self._capacity.set()
+        self._slot_freed()
 
     async def _invoke(
         self, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], job: Job
@@ -454,17 +502,19 @@ class Worker:
                     )
         except asyncio.CancelledError:
             if self._stopping or job.id in self.lost:
-                # Shutdown released it already, or another worker holds it now.
+                # Shutdown released it already, or another worker holds it now. The lane
+                # lives on: clear its cancellation so later timeouts behave.
+                current = asyncio.current_task()
+                if current is not None and getattr(current, "cancelling", lambda: 0)():
+                    current.uncancel()  # type: ignore[attr-defined,unused-ignore]
                 self._running.pop(job.id, None)
                 if job.id in self.lost:
                     self.leases.pop(job.id, None)
-                assert self._capacity is not None
-                self._capacity.set()
+                self._slot_freed()
                 return
             raise
         self._running.pop(job.id, None)
-        assert self._capacity is not None
-        self._capacity.set()
+        self._slot_freed()
         if job.is_acknowledged:
             self.leases.pop(job.id, None)
             if outcome.kind != "complete":
@@ -479,13 +529,12 @@ class Worker:
 
     async def _call(self, running: _Running, task: Task[Any, Any]) -> Outcome:
         job = running.job
-        try:
-            self._signatures[task.name].bind(job, **job.args)
-        except TypeError as exc:
+        problem = self._signatures[task.name].mismatch(job.args)
+        if problem is not None:
             return Outcome(
                 "fail",
                 reason="bad_arguments",
-                error=f"arguments do not fit handler {task.name!r}: {exc}",
+                error=f"arguments do not fit handler {task.name!r}: {problem}",
             )
         try:
             await self._invoke(task, (job,), dict(job.args), job)
@@ -694,8 +743,10 @@ class Worker:
         for job_id in job_ids:
             if job_id in self.lost:
                 continue
-            self.lost.add(job_id)
             running = self._running.get(job_id)
+            if running is not None and running.job.is_acknowledged:
+                continue  # acked by job.transaction() a moment ago: not lost
+            self.lost.add(job_id)
             log.warning("job %d: lease lost; its result will be discarded", job_id)
             task = self.app.tasks.get(running.job.task) if running is not None else None
             # A batch keeps running for its other jobs; only this job's result is dropped.
@@ -720,6 +771,31 @@ class Worker:
         for conn in self._async_connections:
             await conn.close()
         self._async_connections.clear()
+
+
+class _Parameters:
+    """Which keyword arguments a handler accepts: checked per job without inspect.bind."""
+
+    def __init__(self, handler: Any) -> None:
+        parameters = list(inspect.signature(handler).parameters.values())[1:]
+        kinds = inspect.Parameter
+        self.accepts_any = any(p.kind is kinds.VAR_KEYWORD for p in parameters)
+        named = [
+            p for p in parameters if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+        ]
+        self.names = frozenset(p.name for p in named)
+        self.required = frozenset(p.name for p in named if p.default is kinds.empty)
+
+    def mismatch(self, args: Any) -> str | None:
+        keys = args.keys()
+        missing = self.required - keys
+        if missing:
+            return f"missing argument(s) {sorted(missing)}"
+        if not self.accepts_any:
+            unexpected = keys - self.names
+            if unexpected:
+                return f"unexpected argument(s) {sorted(unexpected)}"
+        return None
 
 
 class JobTransaction:
@@ -756,6 +832,8 @@ class JobTransaction:
                 )
             conn.commit()
             self._job.is_acknowledged = True
+            # Acked: stop renewing the lease, or the heartbeat would report it lost.
+            self._worker.leases.pop(self._job.id, None)
         finally:
             if conn.closed or conn.info.transaction_status != 0:
                 conn.close()
@@ -784,6 +862,8 @@ class JobTransaction:
                 )
             await conn.commit()
             self._job.is_acknowledged = True
+            # Acked: stop renewing the lease, or the heartbeat would report it lost.
+            self._worker.leases.pop(self._job.id, None)
         finally:
             if conn.closed or conn.info.transaction_status != 0:
                 await conn.close()

@@ -288,7 +288,7 @@ def _checked_url(name: str, url: str) -> str:
         )
     if not parts.hostname:
         raise ValueError(f"sink {name!r}: url has no host; write e.g. https://example.com/hook")
-    if any(ch.isspace() or ch in "<>\"{}|\\^`" for ch in url) or not _HOST.fullmatch(
+    if any(ch.isspace() or ch in '<>"{}|\\^`' for ch in url) or not _HOST.fullmatch(
         parts.hostname.strip("[]")
     ):
         raise ValueError(

@@ -19,13 +19,13 @@ ORDER BY pos
 SELECT id, queue, task, args, headers, priority, attempts, max_attempts, timeout_seconds,
        lease_token, ordering_key, created_at, run_at
 FROM {schema}.claim_jobs(%(queue)s, %(limit)s, %(worker_id)s, %(lease_seconds)s,
-                         %(task_names)s::text[], %(task_max_attempts)s::int[],
+                         %(task_names)b::text[], %(task_max_attempts)b::int[],
                          %(default_max_attempts)s)
 
 -- name: complete_jobs
 -- Delete the jobs this worker still holds (fenced by lease token), count them, and hand
 -- their ordering keys to the next job.
-SELECT id FROM {schema}.complete_jobs(%(ids)s::bigint[], %(tokens)s::uuid[]) AS id
+SELECT id FROM {schema}.complete_jobs(%(ids)b::bigint[], %(tokens)b::uuid[]) AS id
 
 -- name: retry_jobs
 -- Put held jobs back with a delay on the database clock; a snooze gives the attempt back.
@@ -36,8 +36,8 @@ WITH retried AS (
         attempts = j.attempts - CASE WHEN a.is_snooze THEN 1 ELSE 0 END,
         last_error = coalesce(a.error, j.last_error),
         lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, heartbeat_at = NULL
-    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
-                %(errors)s::text[], %(snoozes)s::bool[]) AS a(id, token, delay, error, is_snooze)
+    FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[], %(delays)b::float8[],
+                %(errors)b::text[], %(snoozes)b::bool[]) AS a(id, token, delay, error, is_snooze)
     WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
     RETURNING j.id, j.queue, a.is_snooze
 ), counted AS (
@@ -51,8 +51,8 @@ SELECT id FROM retried
 
 -- name: fail_jobs
 -- Move held jobs to the dead letters with their error, in one call.
-SELECT id FROM {schema}.fail_jobs(%(ids)s::bigint[], %(tokens)s::uuid[], %(reasons)s::text[],
-                                  %(errors)s::text[], %(block_keys)s::boolean[]) AS id
+SELECT id FROM {schema}.fail_jobs(%(ids)b::bigint[], %(tokens)b::uuid[], %(reasons)b::text[],
+                                  %(errors)b::text[], %(block_keys)b::boolean[]) AS id
 
 -- name: release_jobs
 -- Give held jobs back at once (shutdown, prefetched but never started); the attempt
@@ -60,7 +60,7 @@ SELECT id FROM {schema}.fail_jobs(%(ids)s::bigint[], %(tokens)s::uuid[], %(reaso
 UPDATE {schema}.jobs AS j
 SET state = 'available', attempts = greatest(j.attempts - 1, 0),
     lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, heartbeat_at = NULL
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
+FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
 WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
 RETURNING j.id
 
@@ -68,7 +68,7 @@ RETURNING j.id
 -- Extend the leases this worker still holds; a missing id in the result is a lost lease.
 UPDATE {schema}.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s), heartbeat_at = now()
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
+FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
 WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
 RETURNING j.id
 

@@ -14,8 +14,8 @@ FROM {schema}.claim_messages(%(limit)s, %(relay_id)s, %(lease_seconds)s)
 
 -- name: complete_messages
 -- Delivered: delete (keeping history when retention is on) and advance the keys.
-SELECT id FROM {schema}.complete_messages(%(ids)s::bigint[], %(tokens)s::uuid[],
-                                          %(sinks)s::text[], %(keep_history)s) AS id
+SELECT id FROM {schema}.complete_messages(%(ids)b::bigint[], %(tokens)b::uuid[],
+                                          %(sinks)b::text[], %(keep_history)s) AS id
 
 -- name: retry_messages
 -- Back to pending after a delay on the database clock; a snooze gives the attempt back.
@@ -25,22 +25,22 @@ SET state = 'pending',
     attempts = o.attempts - CASE WHEN a.is_snooze THEN 1 ELSE 0 END,
     last_error = coalesce(a.error, o.last_error),
     lease_token = NULL, lease_expires_at = NULL, relay_id = NULL
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(delays)s::float8[],
-            %(errors)s::text[], %(snoozes)s::bool[]) AS a(id, token, delay, error, is_snooze)
+FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[], %(delays)b::float8[],
+            %(errors)b::text[], %(snoozes)b::bool[]) AS a(id, token, delay, error, is_snooze)
 WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
 RETURNING o.id
 
 -- name: fail_messages
 -- To the outbox dead letters; the key stays blocked unless the route says continue.
-SELECT id FROM {schema}.fail_messages(%(ids)s::bigint[], %(tokens)s::uuid[], %(reasons)s::text[],
-                                      %(errors)s::text[], %(block_keys)s::boolean[]) AS id
+SELECT id FROM {schema}.fail_messages(%(ids)b::bigint[], %(tokens)b::uuid[], %(reasons)b::text[],
+                                      %(errors)b::text[], %(block_keys)b::boolean[]) AS id
 
 -- name: release_messages
 -- Give messages back at once (shutdown); the attempt is returned.
 UPDATE {schema}.outbox AS o
 SET state = 'pending', attempts = greatest(o.attempts - 1, 0),
     lease_token = NULL, lease_expires_at = NULL, relay_id = NULL
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
+FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
 WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
 RETURNING o.id
 
@@ -48,7 +48,7 @@ RETURNING o.id
 -- Extend the leases this relay still holds; a missing id is a lost lease.
 UPDATE {schema}.outbox AS o
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS a(id, token)
+FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
 WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
 RETURNING o.id
 
@@ -102,7 +102,7 @@ ORDER BY 1
 WITH picked AS (
     DELETE FROM {schema}.outbox_dead AS d
     WHERE (%(topic)s::text IS NULL OR d.topic = %(topic)s)
-      AND (%(ids)s::bigint[] IS NULL OR d.id = ANY(%(ids)s::bigint[]))
+      AND (%(ids)b::bigint[] IS NULL OR d.id = ANY(%(ids)b::bigint[]))
     RETURNING d.*
 )
 INSERT INTO {schema}.outbox AS o

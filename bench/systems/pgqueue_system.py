@@ -1,0 +1,82 @@
+"""pgqueue itself, installed editable from the repository root (``pip install -e ..``).
+
+Leases, fencing, retries and dead-lettering stay on: the worker below is the stock
+``pgqueue.Worker`` with an async no-op task; only its concurrency and batch size are tuned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+import pgqueue
+from pgqueue import migrate
+from systems import Payload, WorkerSpec, run_until_stopped, tunable
+
+QUEUE = "bench"
+CONCURRENCY = {1: tunable("pgqueue_concurrency_1", 500), 2: tunable("pgqueue_concurrency_2", 250)}
+BATCH = tunable("pgqueue_batch", 500)
+
+
+class PgQueueProducer:
+    def __init__(self, dsn: str) -> None:
+        self._conn = psycopg.connect(dsn)
+
+    async def enqueue_bulk(self, payloads: Sequence[Payload]) -> None:
+        with self._conn.transaction():
+            pgqueue.enqueue_many(self._conn, [("noop", p) for p in payloads], queue=QUEUE)
+
+    async def enqueue_one(self, payload: Payload) -> None:
+        with self._conn.transaction():
+            pgqueue.enqueue(self._conn, "noop", payload, queue=QUEUE)
+
+    async def aclose(self) -> None:
+        self._conn.close()
+
+
+class PgQueueSystem:
+    name = "pgqueue"
+
+    def settings(self, processes: int) -> dict[str, object]:
+        return {
+            "concurrency": CONCURRENCY[processes],
+            "batch_size": BATCH,
+            "handler": "async def",
+            "lease_seconds": 30,
+            "listen": True,
+            "retries": "on (default policy)",
+        }
+
+    async def install(self, dsn: str) -> None:
+        await asyncio.to_thread(migrate.upgrade, dsn)
+
+    async def open_producer(self, dsn: str) -> PgQueueProducer:
+        return PgQueueProducer(dsn)
+
+    def run_worker(self, spec: WorkerSpec) -> None:
+        app = pgqueue.App()
+        handle = spec.handle
+
+        @app.task(queue=QUEUE)
+        async def noop(job: pgqueue.Job, **payload: Any) -> None:
+            handle(payload)
+
+        settings = pgqueue.WorkerSettings(
+            concurrency=CONCURRENCY[spec.processes], batch_size=BATCH, lease_seconds=30
+        )
+        worker = pgqueue.Worker(app, spec.dsn, queues=[QUEUE], settings=settings)
+
+        async def main() -> None:
+            run = asyncio.create_task(worker.run_async())
+            await run_until_stopped(spec.stop)
+            worker.request_stop()
+            await run
+
+        asyncio.run(main())
+
+
+def create() -> PgQueueSystem:
+    return PgQueueSystem()
