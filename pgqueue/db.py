@@ -21,6 +21,7 @@ from psycopg.types.json import set_json_loads
 from pgqueue.errors import (
     ConfigurationError,
     DatabaseError,
+    PayloadTooLarge,
     PgQueueError,
     SchemaNotReady,
 )
@@ -128,6 +129,12 @@ def translate_error(exc: BaseException) -> PgQueueError:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
         return DatabaseError(
             f"cannot reach PostgreSQL: {redact(first_line)}", is_transient=True, sqlstate=None
+        )
+    constraint = getattr(getattr(exc, "diag", None), "constraint_name", None)
+    if sqlstate == "23514" and constraint in ("jobs_args_size_check", "outbox_payload_size_check"):
+        return PayloadTooLarge(
+            "the payload is larger than the database allows (256 KiB stored, constraint "
+            f"{constraint}): store large data elsewhere and enqueue a reference to it"
         )
     if sqlstate == "28P01" or sqlstate == "28000":
         return ConfigurationError(
@@ -310,5 +317,23 @@ async def run_async(
         async with conn.cursor(row_factory=dict_row) as cursor:
             await cursor.execute(query.text, params)  # type: ignore[arg-type]
             return await cursor.fetchall() if cursor.description else []
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+
+
+def copy_sync(conn: psycopg.Connection[Any], query: Query, data: str) -> None:
+    """COPY ``data`` (text format) on a caller's connection, in its transaction."""
+    try:
+        with conn.cursor() as cursor, cursor.copy(query.text) as copy:  # type: ignore[arg-type]
+            copy.write(data)
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+
+
+async def copy_async(conn: psycopg.AsyncConnection[Any], query: Query, data: str) -> None:
+    """The async twin of :func:`copy_sync`."""
+    try:
+        async with conn.cursor() as cursor, cursor.copy(query.text) as copy:  # type: ignore[arg-type]
+            await copy.write(data)
     except psycopg.Error as exc:
         raise translate_error(exc) from exc

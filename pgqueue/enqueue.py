@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
@@ -14,6 +15,8 @@ from pgqueue.names import key_value, queue_name, task_name
 from pgqueue.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode
 
 DEFAULT_QUEUE = "default"
+# From this many plain jobs (no ordering or unique key) on, enqueue_many uses COPY.
+COPY_THRESHOLD = 1000
 _PRIORITY_RANGE = range(-32768, 32768)
 OnDuplicate = Literal["return", "raise"]
 
@@ -120,21 +123,46 @@ def build(
     Shared by the sync and async twins; every job is validated before any SQL.
     """
     columns: dict[str, list[Any]] = {name: [] for name in _COLUMNS}
+    # (task, args) tuples share every option: validate those once, then per job only the
+    # task name (cached) and the arguments. JobSpecs take the full path.
+    template: dict[str, Any] | None = None
+    known_tasks: set[str] = set()
+    args_column = columns["args"]
+    task_column = columns["task"]
+    others = [(name, columns[name]) for name in _COLUMNS if name not in ("task", "args")]
     for index, item in enumerate(jobs):
-        if isinstance(item, JobSpec):
-            spec = item
-        elif isinstance(item, tuple) and len(item) == 2:
-            spec = JobSpec(task=item[0], args=item[1])
-        else:
-            raise TypeError(f"jobs[{index}] must be a JobSpec or a (task, args) tuple")
-        merged = {
-            name: getattr(spec, name) if getattr(spec, name) is not None else defaults.get(name)
-            for name in _OPTIONS
-        }
         try:
-            row = _row(JobSpec(task=spec.task, args=spec.args, **merged), max_payload_bytes)
+            if isinstance(item, tuple) and len(item) == 2 and not isinstance(item, JobSpec):
+                task, args = item
+                if template is None:
+                    template = _row(
+                        JobSpec(task=task, args={}, **_defaults(defaults)), max_payload_bytes
+                    )
+                if task not in known_tasks:
+                    task_name(task)
+                    known_tasks.add(task)
+                if not isinstance(args, Mapping):
+                    raise TypeError(
+                        f"args of task {task!r} must be a mapping of keyword arguments, "
+                        f"got {type(args).__name__}"
+                    )
+                task_column.append(task)
+                args_column.append(encode(args, what="args", max_bytes=max_payload_bytes))
+                for name, values in others:
+                    values.append(template[name])
+                continue
+            if not isinstance(item, JobSpec):
+                raise TypeError("each job must be a JobSpec or a (task, args) tuple")
+            merged = {
+                name: getattr(item, name) if getattr(item, name) is not None else defaults.get(name)
+                for name in _OPTIONS
+            }
+            if item.run_at is not None or item.delay is not None:
+                # A job's own timing replaces the call's default timing as a whole.
+                merged["run_at"], merged["delay"] = item.run_at, item.delay
+            row = _row(JobSpec(task=item.task, args=item.args, **merged), max_payload_bytes)
         except (TypeError, ValueError) as exc:
-            if len(columns["task"]) == 0 and isinstance(jobs, _Single):
+            if isinstance(jobs, _Single):
                 raise
             raise type(exc)(f"jobs[{index}]: {exc}") from None
         for name, values in columns.items():
@@ -143,6 +171,10 @@ def build(
         return None
     resolved = resolve_schema(schema)
     return db.queries(resolved)["enqueue_jobs"], dict(columns)
+
+
+def _defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: defaults.get(name) for name in _OPTIONS}
 
 
 class _Single(list[JobSpec]):
@@ -167,6 +199,74 @@ def interpret(rows: Sequence[Mapping[str, Any]], on_duplicate: OnDuplicate) -> l
             )
         ids.append(int(row["job_id"]))
     return ids
+
+
+def _copyable(params: Mapping[str, list[Any]]) -> bool:
+    return (
+        len(params["task"]) >= COPY_THRESHOLD
+        and not any(params["ordering_key"])
+        and not any(params["unique_key"])
+    )
+
+
+def _copy_request(params: Mapping[str, list[Any]]) -> dict[str, Any]:
+    counts = Counter(params["queue"])
+    queues = sorted(counts)
+    return {
+        "queues": queues,
+        "queue_counts": [counts[q] for q in queues],
+        "ready_queues": queues,
+        "count": len(params["task"]),
+    }
+
+
+def _copy_text(params: Mapping[str, list[Any]], db_now: datetime, ids: Sequence[int]) -> str:
+    """Rows in COPY text format. JSON never holds raw tabs or newlines (the encoder escapes
+    them), so doubling backslashes is the only escaping COPY needs; names are allow-listed."""
+    null, backslash, doubled = "\\N", "\\", "\\\\"
+    now_text = db_now.isoformat()
+    columns = (
+        params["queue"],
+        params["task"],
+        params["args"],
+        params["headers"],
+        params["priority"],
+        params["run_at"],
+        params["delay"],
+        params["max_attempts"],
+        params["timeout_seconds"],
+    )
+    lines = []
+    for job_id, queue, task, args, headers, priority, run_at, delay, attempts, timeout in zip(
+        ids, *columns, strict=True
+    ):
+        if run_at is not None:
+            when = run_at.isoformat()
+        elif delay:
+            when = (db_now + timedelta(seconds=delay)).isoformat()
+        else:
+            when = now_text
+        fields = (
+            str(job_id),
+            queue,
+            task,
+            args.replace(backslash, doubled),
+            headers.replace(backslash, doubled),
+            str(priority),
+            when,
+            null if attempts is None else str(attempts),
+            null if timeout is None else repr(timeout),
+        )
+        lines.append("\t".join(fields))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _copy_outcome(row: Mapping[str, Any]) -> str:
+    status: str = row["status"]
+    if status.startswith("queue_full:"):
+        interpret([{"status": status, "job_id": None}], "return")
+    return status
 
 
 def _one(task: str, args: Mapping[str, Any] | None, options: Mapping[str, Any]) -> _Single:
@@ -278,7 +378,17 @@ def enqueue_many(
     built = build(jobs, defaults, schema, max_payload_bytes)
     if built is None:
         return []
-    return interpret(db.run_sync(db.sync_connection(conn), *built), on_duplicate)
+    query, params = built
+    target = db.sync_connection(conn)
+    if _copyable(params):
+        queries = db.queries(resolve_schema(schema))
+        row = db.run_sync(target, queries["prepare_bulk_enqueue"], _copy_request(params))[0]
+        if _copy_outcome(row) == "copy":
+            db.copy_sync(
+                target, queries["copy_jobs"], _copy_text(params, row["db_now"], row["ids"])
+            )
+            return list(row["ids"])
+    return interpret(db.run_sync(target, query, params), on_duplicate)
 
 
 async def enqueue_many_async(
@@ -295,8 +405,18 @@ async def enqueue_many_async(
     built = build(jobs, defaults, schema, max_payload_bytes)
     if built is None:
         return []
-    rows = await db.run_async(await db.async_connection(conn), *built)
-    return interpret(rows, on_duplicate)
+    query, params = built
+    target = await db.async_connection(conn)
+    if _copyable(params):
+        queries = db.queries(resolve_schema(schema))
+        row = (await db.run_async(target, queries["prepare_bulk_enqueue"], _copy_request(params)))[
+            0
+        ]
+        if _copy_outcome(row) == "copy":
+            text = _copy_text(params, row["db_now"], row["ids"])
+            await db.copy_async(target, queries["copy_jobs"], text)
+            return list(row["ids"])
+    return interpret(await db.run_async(target, query, params), on_duplicate)
 
 
 def _check_defaults(defaults: Mapping[str, Any]) -> None:

@@ -27,7 +27,7 @@ def encode(value: Any, *, what: str = "args", max_bytes: int = DEFAULT_MAX_PAYLO
         _explain(value, what, 0)
         raise
     try:
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise ValueError(
             f"{what} contains text that is not valid Unicode ({exc.reason}): "

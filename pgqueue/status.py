@@ -13,12 +13,15 @@ STATUS_COLUMNS = (
     "ready",
     "scheduled",
     "running",
+    "waiting",
     "dead",
     "lag_seconds",
     "completed_last_minute",
     "failed_last_hour",
     "is_paused",
 )
+# Queue settings, shown by `pgqueue queues list` and included in `status --json`.
+SETTING_COLUMNS = ("concurrency_limit", "rate_limit", "rate_interval_seconds", "max_depth")
 
 
 def queue_status(dsn: str, schema: str | None = None) -> list[dict[str, Any]]:

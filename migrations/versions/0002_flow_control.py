@@ -153,6 +153,13 @@ DECLARE
     id_sequence regclass := pg_get_serial_sequence('"{s}".jobs', 'id')::regclass;
 BEGIN
     -- Backpressure first, so a full queue leaves the caller's transaction untouched.
+    -- Enqueuers of a depth-limited queue serialize on an advisory lock until they commit
+    -- (workers' claims do not take it), so concurrent callers cannot overshoot the limit.
+    PERFORM pg_advisory_xact_lock(hashtext('pgqueue.depth'), hashtext(q.name))
+    FROM "{s}".queues AS q
+    WHERE q.name IN (SELECT DISTINCT u.queue FROM unnest(p_queue) AS u(queue))
+      AND q.max_depth IS NOT NULL
+    ORDER BY q.name;
     SELECT q.name INTO full_queue
     FROM (SELECT u.queue, count(*) AS n FROM unnest(p_queue) AS u(queue) GROUP BY u.queue) AS c
     JOIN "{s}".queues AS q ON q.name = c.queue AND q.max_depth IS NOT NULL
@@ -327,6 +334,50 @@ BEGIN
         pos := r.pos; job_id := new_id; status := 'inserted';
         RETURN NEXT;
     END LOOP;
+END
+$$""",
+        # The bulk fast path: before a COPY of plain jobs, check depth limits, register the
+        # queues, wake their workers and draw the ids, in one call. Returns 'copy' with the
+        # database time and the ids, 'queue_full:<name>', or 'no_copy' when the caller may
+        # not insert into the table directly (a producer role): then use enqueue_jobs.
+        f"""
+CREATE FUNCTION "{s}".prepare_bulk_enqueue(
+    p_queue text[], p_queue_counts int[], p_ready_queues text[], p_count int
+)
+RETURNS TABLE (status text, db_now timestamptz, ids bigint[])
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    full_queue text;
+BEGIN
+    IF NOT has_table_privilege('"{s}".jobs', 'INSERT') THEN
+        RETURN QUERY SELECT 'no_copy'::text, now(), NULL::bigint[];
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('pgqueue.depth'), hashtext(q.name))
+    FROM "{s}".queues AS q
+    WHERE q.name = ANY(p_queue) AND q.max_depth IS NOT NULL
+    ORDER BY q.name;
+    SELECT q.name INTO full_queue
+    FROM unnest(p_queue, p_queue_counts) AS c(queue, n)
+    JOIN "{s}".queues AS q ON q.name = c.queue AND q.max_depth IS NOT NULL
+    WHERE (SELECT count(*) FROM (SELECT 1 FROM "{s}".jobs AS j
+                                 WHERE j.queue = c.queue AND j.state <> 'running'
+                                 LIMIT q.max_depth) AS bounded) + c.n > q.max_depth
+    LIMIT 1;
+    IF full_queue IS NOT NULL THEN
+        RETURN QUERY SELECT 'queue_full:' || full_queue, now(), NULL::bigint[];
+        RETURN;
+    END IF;
+    INSERT INTO "{s}".queues (name)
+    SELECT DISTINCT u.queue FROM unnest(p_queue) AS u(queue) ORDER BY 1
+    ON CONFLICT (name) DO NOTHING;
+    PERFORM pg_notify('pgqueue_' || left(md5('{s}.' || r.queue), 24), '')
+    FROM (SELECT DISTINCT u.queue FROM unnest(p_ready_queues) AS u(queue)) AS r;
+    RETURN QUERY
+    SELECT 'copy'::text, now(),
+           ARRAY(SELECT nextval(pg_get_serial_sequence('"{s}".jobs', 'id'))
+                 FROM generate_series(1, p_count));
 END
 $$""",
         # Claim up to p_limit ready jobs of one queue, honouring pause, the global
@@ -577,6 +628,7 @@ $$""",
 def downgrade() -> None:
     s = _schema()
     for function in (
+        "prepare_bulk_enqueue(text[], int[], text[], int)",
         "advance_stalled_keys(int)",
         "rescue_expired_jobs(int, int)",
         "fail_jobs(bigint[], uuid[], text[], text[], boolean[])",

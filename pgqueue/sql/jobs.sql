@@ -13,6 +13,17 @@ FROM {schema}.enqueue_jobs(
     %(unique_key)s::text[])
 ORDER BY pos
 
+-- name: prepare_bulk_enqueue
+-- Before a COPY of plain jobs: depth check, queue registration, NOTIFY and ids, one call.
+SELECT status, db_now, ids
+FROM {schema}.prepare_bulk_enqueue(%(queues)s::text[], %(queue_counts)s::int[],
+                                    %(ready_queues)s::text[], %(count)s)
+
+-- name: copy_jobs
+-- The bulk insert itself (text format; ids drawn by prepare_bulk_enqueue).
+COPY {schema}.jobs (id, queue, task, args, headers, priority, run_at, max_attempts,
+                    timeout_seconds) FROM STDIN
+
 -- name: claim_jobs
 -- Lease up to %(limit)s ready jobs of one queue in one round trip (pause, global
 -- concurrency and rate limits are enforced inside). The attempt is counted at claim.

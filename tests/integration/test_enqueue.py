@@ -230,3 +230,40 @@ def test_task_shortcut_uses_task_defaults(conn: psycopg.Connection[Any]) -> None
     ]
     with pytest.raises(TypeError, match="do not fit its handler"):
         send_receipt.enqueue(conn, 1, 2, 3)
+
+
+def test_bulk_copy_round_trips_awkward_text_and_options(dsn: str) -> None:
+    awkward = {"s": 'back\\slash "quote" tab\t newline\n é ☃ \\N', "n": [1.5, None, True]}
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    jobs = [pgqueue.JobSpec("t", {**awkward, "i": i}) for i in range(1500)]
+    jobs.append(
+        pgqueue.JobSpec("t", {"i": -1}, run_at=later, max_attempts=3, timeout=2.5, priority=7)
+    )
+    with psycopg.connect(dsn) as conn:
+        ids = pgqueue.enqueue_many(conn, jobs, queue="bulk", headers={"h": "v\\w"}, delay=30)
+        conn.commit()
+        rows = conn.execute(
+            "SELECT id, args, headers, priority, max_attempts, timeout_seconds, "
+            "extract(epoch FROM run_at - created_at) FROM pgqueue.jobs ORDER BY id"
+        ).fetchall()
+    assert [row[0] for row in rows] == ids
+    assert rows[0][1] == {**awkward, "i": 0} and rows[0][2] == {"h": "v\\w"}
+    assert float(rows[0][6]) == pytest.approx(30, abs=0.01)
+    last = rows[-1]
+    assert last[1] == {"i": -1} and last[3:6] == (7, 3, 2.5)
+
+
+async def test_bulk_copy_async_and_queue_full_keeps_the_transaction(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        ids = await pgqueue.enqueue_many_async(conn, [("t", {"i": i}) for i in range(1200)])
+        await conn.commit()
+        assert len(ids) == 1200
+        with psycopg.connect(dsn) as admin:
+            pgqueue.configure_queue(admin, "default", max_depth=2000)
+            admin.commit()
+        with pytest.raises(pgqueue.QueueFull, match="maximum depth"):
+            await pgqueue.enqueue_many_async(conn, [("t", {"i": i}) for i in range(1000)])
+        await pgqueue.enqueue_async(conn, "t", {"still": "usable"})
+        await conn.commit()
+        cursor = await conn.execute("SELECT count(*) FROM pgqueue.jobs")
+        assert await cursor.fetchone() == (1201,)
