@@ -26,7 +26,7 @@ from pgqueue.job import Job
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
-from pgqueue.outcome import RELEASE, Outcome, decide, format_error
+from pgqueue.outcome import COMPLETE, RELEASE, Outcome, decide, format_error
 from pgqueue.scheduler import Scheduler
 from pgqueue.store import JobStore, MaintenanceSession, Settlement
 from pgqueue.threads import interrupt_thread
@@ -873,7 +873,7 @@ class JobTransaction:
 
 def _entries(batch: Settlement) -> list[tuple[int, uuid.UUID, Outcome]]:
     entries: list[tuple[int, uuid.UUID, Outcome]] = []
-    entries.extend((i, t, Outcome("complete")) for i, t in batch.complete)
+    entries.extend((i, t, COMPLETE) for i, t in batch.complete)
     entries.extend(batch.retry)
     entries.extend(batch.fail)
     entries.extend((i, t, RELEASE) for i, t in batch.release)

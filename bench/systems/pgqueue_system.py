@@ -17,8 +17,11 @@ from pgqueue import migrate
 from systems import Payload, WorkerSpec, run_until_stopped, tunable
 
 QUEUE = "bench"
-CONCURRENCY = {1: tunable("pgqueue_concurrency_1", 500), 2: tunable("pgqueue_concurrency_2", 250)}
-BATCH = tunable("pgqueue_batch", 500)
+CONCURRENCY = {
+    1: tunable("pgqueue_concurrency_1", 2000),
+    2: tunable("pgqueue_concurrency_2", 1000),
+}
+BATCH = tunable("pgqueue_batch", 1000)
 
 
 class PgQueueProducer:
