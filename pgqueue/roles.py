@@ -26,6 +26,7 @@ _WORKER_FUNCTIONS = (
     "rescue_expired_jobs(int, int)",
     "advance_stalled_keys(int)",
     "job_key_advance(text, text)",
+    "job_keys_advance(text[], text[])",
 )
 _RELAY_FUNCTIONS = (
     "claim_messages(int, uuid, float8)",
@@ -33,6 +34,7 @@ _RELAY_FUNCTIONS = (
     "fail_messages(bigint[], uuid[], text[], text[], boolean[])",
     "rescue_expired_messages(int)",
     "outbox_key_advance(text)",
+    "outbox_keys_advance(text[])",
 )
 _PRODUCER_FUNCTIONS = (
     "prepare_bulk_enqueue(text[], int[], text[], int)",

@@ -101,32 +101,59 @@ def _functions(s: str) -> list[str]:
         # Callers lock nothing first: this takes the key row lock itself, and its later
         # statements see everything committed by enqueuers that held that lock before.
         f"""
-CREATE FUNCTION "{s}".job_key_advance(p_queue text, p_key text) RETURNS bigint
+CREATE FUNCTION "{s}".job_keys_advance(p_queues text[], p_keys text[]) RETURNS bigint
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     promoted bigint;
+    woken_queues bigint;
 BEGIN
-    -- Bump the row (not just lock it) so a REPEATABLE READ enqueuer racing with us gets a
-    -- serialization error instead of parking a job behind a head that is gone.
+    -- Lock (and bump, so a REPEATABLE READ enqueuer racing with us gets a serialization
+    -- error instead of parking a job behind a head that is gone) in one order...
     UPDATE "{s}".ordering_keys SET updated_at = now()
-    WHERE scope = 'job:' || p_queue AND key = p_key;
-    IF EXISTS (SELECT 1 FROM "{s}".jobs
-               WHERE queue = p_queue AND ordering_key = p_key
-                 AND state IN ('available', 'running'))
-       OR EXISTS (SELECT 1 FROM "{s}".dead_jobs
-                  WHERE queue = p_queue AND ordering_key = p_key AND blocks_key) THEN
+    WHERE (scope, key) IN (
+        SELECT k.scope, k.key FROM "{s}".ordering_keys AS k
+        JOIN unnest(p_queues, p_keys) AS u(queue, key)
+          ON k.scope = 'job:' || u.queue AND k.key = u.key
+        ORDER BY k.scope, k.key FOR UPDATE OF k);
+    -- ...then, with a snapshot taken after the locks, promote each idle key's next job.
+    WITH heads AS (
+        SELECT h.id, h.queue
+        FROM (SELECT DISTINCT u.queue, u.key FROM unnest(p_queues, p_keys) AS u(queue, key)) AS k
+        CROSS JOIN LATERAL (
+            SELECT j.id, j.queue FROM "{s}".jobs AS j
+            WHERE j.queue = k.queue AND j.ordering_key = k.key AND j.state = 'waiting'
+            ORDER BY j.key_seq LIMIT 1
+        ) AS h
+        WHERE NOT EXISTS (SELECT 1 FROM "{s}".jobs AS a
+                          WHERE a.queue = k.queue AND a.ordering_key = k.key
+                            AND a.state IN ('available', 'running'))
+          AND NOT EXISTS (SELECT 1 FROM "{s}".dead_jobs AS d
+                          WHERE d.queue = k.queue AND d.ordering_key = k.key AND d.blocks_key)
+    ), moved AS (
+        UPDATE "{s}".jobs AS j SET state = 'available'
+        WHERE j.id IN (SELECT id FROM heads)
+        RETURNING j.queue
+    ), woken AS MATERIALIZED (
+        SELECT pg_notify('pgqueue_' || left(md5('{s}.' || q.queue), 24), '')::text AS signal
+        FROM (SELECT DISTINCT queue FROM moved) AS q
+    )
+    SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM woken) INTO promoted, woken_queues;
+    RETURN promoted;
+END
+$$""",
+        # Promote the next waiting job of one key when nothing of the key is active any more.
+        f"""
+CREATE FUNCTION "{s}".job_key_advance(p_queue text, p_key text) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- Returns the promoted job's id, or NULL when the key stays as it is.
+    IF "{s}".job_keys_advance(ARRAY[p_queue], ARRAY[p_key]) = 0 THEN
         RETURN NULL;
     END IF;
-    UPDATE "{s}".jobs SET state = 'available'
-    WHERE id = (SELECT id FROM "{s}".jobs
-                WHERE queue = p_queue AND ordering_key = p_key AND state = 'waiting'
-                ORDER BY key_seq LIMIT 1)
-    RETURNING id INTO promoted;
-    IF promoted IS NOT NULL THEN
-        PERFORM pg_notify('pgqueue_' || left(md5('{s}.' || p_queue), 24), '');
-    END IF;
-    RETURN promoted;
+    RETURN (SELECT id FROM "{s}".jobs
+            WHERE queue = p_queue AND ordering_key = p_key AND state = 'available'
+            ORDER BY key_seq LIMIT 1);
 END
 $$""",
         # Enqueue any mix of jobs: plain ones in one INSERT, keyed or unique ones one by one.
@@ -485,10 +512,9 @@ BEGIN
            array_agg(ordering_key) FILTER (WHERE ordering_key IS NOT NULL)
     INTO done_ids, key_queues, key_names
     FROM done;
-    FOR k IN SELECT DISTINCT u.q, u.k FROM unnest(key_queues, key_names) AS u(q, k)
-             ORDER BY u.q, u.k LOOP
-        PERFORM "{s}".job_key_advance(k.q, k.k);
-    END LOOP;
+    IF key_names IS NOT NULL THEN
+        PERFORM "{s}".job_keys_advance(key_queues, key_names);
+    END IF;
     RETURN QUERY SELECT unnest(done_ids);
 END
 $$""",
@@ -533,10 +559,9 @@ BEGIN
            array_agg(ordering_key) FILTER (WHERE ordering_key IS NOT NULL AND NOT dead_blocks)
     INTO dead_ids, key_queues, key_names
     FROM dead;
-    FOR k IN SELECT DISTINCT u.q, u.k FROM unnest(key_queues, key_names) AS u(q, k)
-             ORDER BY u.q, u.k LOOP
-        PERFORM "{s}".job_key_advance(k.q, k.k);
-    END LOOP;
+    IF key_names IS NOT NULL THEN
+        PERFORM "{s}".job_keys_advance(key_queues, key_names);
+    END IF;
     RETURN QUERY SELECT unnest(dead_ids);
 END
 $$""",
@@ -615,9 +640,7 @@ BEGIN
         ORDER BY 1, 2
         LIMIT p_limit
     LOOP
-        IF "{s}".job_key_advance(k.queue, k.ordering_key) IS NOT NULL THEN
-            advanced := advanced + 1;
-        END IF;
+        advanced := advanced + "{s}".job_keys_advance(ARRAY[k.queue], ARRAY[k.ordering_key]);
     END LOOP;
     RETURN advanced;
 END
@@ -637,6 +660,7 @@ def downgrade() -> None:
         "enqueue_jobs(text[], text[], jsonb[], jsonb[], smallint[], timestamptz[], float8[], "
         "int[], float8[], text[], text[])",
         "job_key_advance(text, text)",
+        "job_keys_advance(text[], text[])",
     ):
         op.execute(sa.text(f'DROP FUNCTION IF EXISTS "{s}".{function}'))
     op.drop_table("cron_ticks", schema=s)

@@ -14,9 +14,8 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
-import httpx
-
 from pgqueue.sinks import MESSAGE_ID_HEADER, DeliveryError, Message
+from pgqueue.sinks.http_client import ConnectionPool, TransportError
 
 TOPIC_HEADER = "Pgqueue-Topic"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -98,7 +97,7 @@ class WebhookSink:
             raise ValueError(f"sink {name!r}: headers {sorted(clashes)} are set by the sink")
         self._headers = dict(headers or {})
         self._target = _redacted(self._url)
-        self._client: httpx.AsyncClient | None = None
+        self._client: ConnectionPool | None = None
         self._slots: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
@@ -107,20 +106,13 @@ class WebhookSink:
     async def start(self) -> None:
         if self._client is not None:
             return
-        limits = httpx.Limits(
-            max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight
-        )
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout_seconds),
-            limits=limits,
-            follow_redirects=False,
-        )
+        self._client = ConnectionPool(self._url, max_connections=self.max_in_flight)
         self._slots = asyncio.Semaphore(self.max_in_flight)
 
     async def close(self) -> None:
         client, self._client, self._slots = self._client, None, None
         if client is not None:
-            await client.aclose()
+            client.close()
 
     async def deliver(self, message: Message) -> None:
         client, slots = self._client, self._slots
@@ -147,28 +139,22 @@ class WebhookSink:
                     f"webhook {self.name!r}: {self.method} {self._target} timed out after "
                     f"{self.timeout_seconds:g}s"
                 ) from None
-            except httpx.TransportError as exc:
+            except TransportError as exc:
                 raise DeliveryError(
-                    f"webhook {self.name!r}: {self.method} {self._target} failed: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"webhook {self.name!r}: {self.method} {self._target} failed: {exc}"
                 ) from None
         self._judge(status, response_headers, excerpt)
 
     async def _send(
-        self, client: httpx.AsyncClient, headers: dict[str, str], body: bytes
-    ) -> tuple[int, httpx.Headers, str]:
-        async with client.stream(self.method, self._url, content=body, headers=headers) as response:
-            if response.is_success:
-                return response.status_code, response.headers, ""
-            chunks = bytearray()
-            async for chunk in response.aiter_bytes():
-                chunks += chunk
-                if len(chunks) >= _EXCERPT_BYTES:
-                    break
-            text = bytes(chunks).decode("utf-8", errors="replace")[:_EXCERPT_CHARS]
-            return response.status_code, response.headers, text
+        self, client: ConnectionPool, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], str]:
+        response = await client.request(
+            self.method, list(headers.items()), body, excerpt_bytes=_EXCERPT_BYTES
+        )
+        text = response.excerpt.decode("utf-8", errors="replace")[:_EXCERPT_CHARS]
+        return response.status, response.headers, text
 
-    def _judge(self, status: int, headers: httpx.Headers, excerpt: str) -> None:
+    def _judge(self, status: int, headers: Mapping[str, str], excerpt: str) -> None:
         if 200 <= status < 300:
             return
         what = f"webhook {self.name!r}: {self.method} {self._target} returned {status}"
@@ -294,10 +280,6 @@ def _checked_url(name: str, url: str) -> str:
         raise ValueError(
             f"sink {name!r}: url does not parse (spaces or characters not allowed in a URL)"
         )
-    try:
-        httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"sink {name!r}: url does not parse ({exc})") from None
     return url
 
 

@@ -204,7 +204,7 @@ async def test_connection_refused_is_transient(make_message: MakeMessage) -> Non
     sink = WebhookSink("hooks", f"http://127.0.0.1:{free_port()}/hook", timeout_seconds=2)
     error = await failure(sink, make_message)
     assert not error.is_permanent
-    assert "ConnectError" in str(error)
+    assert "ConnectionRefusedError" in str(error)
 
 
 async def test_in_flight_requests_are_bounded(
