@@ -24,6 +24,7 @@ from pgqueue.outbox import outbox_channel
 from pgqueue.outcome import RELEASE, Outcome, format_error
 from pgqueue.sinks import DeliveryError, Message, Sink
 from pgqueue.store import MaintenanceSession, MessageStore, Settlement
+from pgqueue.timeouts import within
 
 log = logging.getLogger("pgqueue.relay")
 
@@ -378,7 +379,7 @@ class Relay:
                 "snooze", delay_seconds=wait, error="circuit open for sink " + route.sink.name
             )
         try:
-            await asyncio.wait_for(route.sink.deliver(message), route.timeout_seconds)
+            await within(route.sink.deliver(message), route.timeout_seconds)
         except Exception as exc:
             if self.metrics is not None:
                 self.metrics.delivery_failed.labels(route.sink.name).inc()

@@ -30,6 +30,7 @@ from pgqueue.outcome import COMPLETE, RELEASE, Outcome, decide, format_error
 from pgqueue.scheduler import Scheduler
 from pgqueue.store import JobStore, MaintenanceSession, Settlement
 from pgqueue.threads import interrupt_thread
+from pgqueue.timeouts import within
 
 log = logging.getLogger("pgqueue.worker")
 
@@ -469,7 +470,7 @@ class Worker:
             if timeout is None:
                 return await coroutine
             try:
-                return await asyncio.wait_for(coroutine, timeout)
+                return await within(coroutine, timeout)
             except asyncio.TimeoutError:
                 raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
         running = self._running.get(job.id) or _Running(job)

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pgqueue.sinks import MESSAGE_ID_HEADER, DeliveryError, Message
 from pgqueue.sinks.http_client import ConnectionPool, TransportError
+from pgqueue.timeouts import within
 
 TOPIC_HEADER = "Pgqueue-Topic"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -131,7 +132,7 @@ class WebhookSink:
                 # Signed after the wait for a slot, so the timestamp is fresh when sent.
                 headers[self.signature_header] = sign(self._secret, body)
             try:
-                status, response_headers, excerpt = await asyncio.wait_for(
+                status, response_headers, excerpt = await within(
                     self._send(client, headers, body), self.timeout_seconds
                 )
             except asyncio.TimeoutError:
