@@ -510,57 +510,47 @@ def act_on_dead_letters(
         typer.echo(f"{skipped} left in place: {why}", err=True)
 
 
-@dlq_app.command("requeue")
-@friendly
-def dlq_requeue(
-    queue: QueueFilter = None,
-    task: TaskFilter = None,
-    error: ErrorFilter = None,
-    older_than_days: AgeFilter = None,
-    ids: IdFilter = None,
-    every: AllOption = False,
-    dry_run: DryRunOption = False,
-    yes: YesOption = False,
-    dsn: DsnOption = None,
-    schema: SchemaOption = None,
-    json_output: JsonOption = False,
-) -> None:
-    """Send matching dead letters back to their queues with fresh attempts (same ids).
+def dead_letter_action(verb: str, description: str) -> Callable[..., None]:
+    """The `dlq requeue` or `dlq purge` command: same filters, same safety, one verb."""
 
-    A filter or --all is required. Shows the count and asks first (--yes skips). A dead
-    letter whose unique key is held by a live job stays where it is.
-    """
-    where = dead_letter_filter(queue, task, error, older_than_days, ids)
-    act_on_dead_letters(
-        "requeue", where, every=every, dry_run=dry_run, yes=yes, dsn=dsn, schema=schema,
-        json_output=json_output,
-    )  # fmt: skip
+    def command(
+        queue: QueueFilter = None,
+        task: TaskFilter = None,
+        error: ErrorFilter = None,
+        older_than_days: AgeFilter = None,
+        ids: IdFilter = None,
+        every: AllOption = False,
+        dry_run: DryRunOption = False,
+        yes: YesOption = False,
+        dsn: DsnOption = None,
+        schema: SchemaOption = None,
+        json_output: JsonOption = False,
+    ) -> None:
+        where = dead_letter_filter(queue, task, error, older_than_days, ids)
+        act_on_dead_letters(
+            verb, where, every=every, dry_run=dry_run, yes=yes, dsn=dsn, schema=schema,
+            json_output=json_output,
+        )  # fmt: skip
+
+    command.__doc__ = (
+        f"{description}\n\nA filter or --all is required. Shows the count and asks first "
+        "(--yes skips); acts on exactly the dead letters counted."
+    )
+    return friendly(command)
 
 
-@dlq_app.command("purge")
-@friendly
-def dlq_purge(
-    queue: QueueFilter = None,
-    task: TaskFilter = None,
-    error: ErrorFilter = None,
-    older_than_days: AgeFilter = None,
-    ids: IdFilter = None,
-    every: AllOption = False,
-    dry_run: DryRunOption = False,
-    yes: YesOption = False,
-    dsn: DsnOption = None,
-    schema: SchemaOption = None,
-    json_output: JsonOption = False,
-) -> None:
-    """Delete matching dead letters for good; ordering keys they blocked move on.
-
-    A filter or --all is required. Shows the count and asks first (--yes skips).
-    """
-    where = dead_letter_filter(queue, task, error, older_than_days, ids)
-    act_on_dead_letters(
-        "purge", where, every=every, dry_run=dry_run, yes=yes, dsn=dsn, schema=schema,
-        json_output=json_output,
-    )  # fmt: skip
+dlq_app.command("requeue")(
+    dead_letter_action(
+        "requeue",
+        "Send matching dead letters back to their queues with fresh attempts (same ids). "
+        "One whose unique key is held by a live job stays where it is.",
+    )
+)
+dlq_app.command("purge")(
+    dead_letter_action(
+        "purge", "Delete matching dead letters for good; ordering keys they blocked move on."
+    )
+)
 
 
 # ---------------------------------------------------------------- workers and prune

@@ -79,15 +79,18 @@ def requeue(
         from pgqueue import db
         from pgqueue.config import resolve_dsn, resolve_schema
         from pgqueue.names import topic_name
+        from pgqueue.outbox import outbox_channel
 
         params = {"topic": None if topic is None else topic_name(topic), "ids": ids or None}
+        resolved = resolve_schema(schema)
+        queries = db.queries(resolved)
         with db.connect(resolve_dsn(dsn), "cli", autocommit=False) as conn:
-            rows = db.run_sync(
-                conn, db.queries(resolve_schema(schema))["requeue_dead_messages"], params
-            )
+            rows = db.run_sync(conn, queries["requeue_dead_messages"], params)
             if dry_run:
                 conn.rollback()
             else:
+                # Wake the relays now rather than at their next poll.
+                db.run_sync(conn, queries["notify_outbox"], {"channel": outbox_channel(resolved)})
                 conn.commit()
         verb = "would requeue" if dry_run else "requeued"
         if json_output:

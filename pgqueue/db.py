@@ -124,6 +124,12 @@ def translate_error(exc: BaseException) -> PgQueueError:
             "the pgqueue schema is missing or incomplete in this database: "
             "run `pgqueue migrate` (or pgqueue.migrate.upgrade(dsn)) first"
         )
+    if isinstance(exc, psycopg.ProgrammingError) and sqlstate is None:
+        # libpq could not parse the DSN; its message may quote a piece of it (a password).
+        return ConfigurationError(
+            "the DSN does not parse: use postgresql://user:password@host:port/dbname or "
+            "key=value pairs (host=... dbname=...); check --dsn / PGQUEUE_DSN"
+        )
     if isinstance(exc, psycopg.OperationalError) and sqlstate is None:
         # libpq's message names host and port but never the password; keep its first line.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"

@@ -110,6 +110,7 @@ class Relay:
         }
         self.metrics = Metrics() if self.settings.metrics_port is not None else None
         self._in_flight: dict[int, _InFlight] = {}
+        self._sink_slots: dict[str, asyncio.Semaphore] = {}
         self._pending = Settlement()
         self._stopping = False
         self._stop_requested = False
@@ -224,6 +225,7 @@ class Relay:
             for sink in self.app.sinks():
                 await sink.start()
                 started.append(sink)
+                self._sink_slots[sink.name] = asyncio.Semaphore(max(1, sink.max_in_flight))
             heartbeat.start()
             background.append(asyncio.create_task(self._settle_loop(), name="settle"))
             if self.settings.listen:
@@ -371,40 +373,54 @@ class Relay:
                 error=f"lease expired during the last of {route.max_attempts} attempts",
                 blocks_key=route.dead_blocks_key,
             )
-        breaker = self.breakers[route.sink.name]
-        allowed, wait = breaker.allow()
-        if not allowed:
-            # The destination is failing: hold the message back without using an attempt.
-            return Outcome(
-                "snooze", delay_seconds=wait, error="circuit open for sink " + route.sink.name
-            )
-        try:
-            await within(route.sink.deliver(message), route.timeout_seconds)
-        except Exception as exc:
-            if self.metrics is not None:
-                self.metrics.delivery_failed.labels(route.sink.name).inc()
-            return self._failed(message, route, breaker, exc)
-        breaker.record_success()
+        name = route.sink.name
+        breaker = self.breakers[name]
+        # Wait for one of the sink's slots before the deadline starts: a slow but healthy
+        # destination must not see queueing time counted as its own timeouts.
+        async with self._sink_slots[name]:
+            allowed, wait, is_probe = breaker.allow()
+            if not allowed:
+                # The destination is failing: hold the message back without using an attempt.
+                return Outcome("snooze", delay_seconds=wait, error=f"circuit open for sink {name}")
+            try:
+                await within(route.sink.deliver(message), route.timeout_seconds)
+            except Exception as exc:
+                if self.metrics is not None:
+                    self.metrics.delivery_failed.labels(name).inc()
+                return self._failed(message, route, breaker, exc, is_probe)
+        if breaker.record_success(is_probe=is_probe):
+            log.info("sink %s answers again: circuit closed", name)
         if self.metrics is not None:
-            self.metrics.delivered.labels(route.sink.name).inc()
+            self.metrics.delivered.labels(name).inc()
         return Outcome("complete")
 
     def _failed(
-        self, message: Message, route: Route, breaker: CircuitBreaker, exc: BaseException
+        self,
+        message: Message,
+        route: Route,
+        breaker: CircuitBreaker,
+        exc: BaseException,
+        is_probe: bool,
     ) -> Outcome:
+        if isinstance(exc, DeliveryError) and exc.is_permanent:
+            breaker.record_success(is_probe=is_probe)  # the destination answered; it is up
+        elif breaker.record_failure(is_probe=is_probe):
+            log.warning(
+                "sink %s keeps failing (%s): circuit open for %.1fs, its messages wait",
+                route.sink.name,
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                breaker.current_cooldown,
+            )
         if isinstance(exc, DeliveryError):
             if exc.is_permanent:
-                breaker.record_success()  # the destination answered; it is not down
                 return Outcome(
                     "fail",
                     reason="rejected",
                     error=format_error(exc, with_traceback=False),
                     blocks_key=route.dead_blocks_key,
                 )
-            breaker.record_failure()
             return self._retry(message, route, exc, exc.retry_after_seconds)
         # Any other failure (timeout, connection, a bug in a sink) is transient.
-        breaker.record_failure()
         return self._retry(message, route, exc, None)
 
     @staticmethod

@@ -35,6 +35,12 @@ class ReceivedRequest:
     body: bytes
 
 
+class _Server(ThreadingHTTPServer):
+    # Several relays open a hundred connections at once; the default backlog of 5 resets some.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class HttpReceiver:
     """A ThreadingHTTPServer on 127.0.0.1 that records requests and answers as programmed.
 
@@ -58,7 +64,7 @@ class HttpReceiver:
         self._lock = threading.Lock()
         self._request_seen = threading.Condition(self._lock)
         self._stopping = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         # A short poll interval, so shutdown() returns at once rather than after 0.5 s.
         self._thread = threading.Thread(

@@ -78,7 +78,8 @@ $$"""
     )
     op.execute(
         sa.text(
-            f'CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON "{s}".audit_log '
+            f'CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE '
+            f'ON "{s}".audit_log '
             f'FOR EACH STATEMENT EXECUTE FUNCTION "{s}".audit_log_is_append_only()'
         )
     )
@@ -384,7 +385,7 @@ FROM live AS l FULL JOIN dead AS d ON d.topic = l.topic
 CREATE VIEW "{s}".health AS
 WITH activity AS (
     SELECT max(now() - xact_start) FILTER (WHERE state <> 'idle') AS oldest_transaction_age,
-           max(age(backend_xmin)) AS oldest_xmin_age
+           max(greatest(age(backend_xmin), age(backend_xid))) AS oldest_xmin_age
     FROM pg_stat_activity
     WHERE datname = current_database() AND pid <> pg_backend_pid()
 ), tables AS (

@@ -53,7 +53,7 @@ SELECT id AS job_id, queue, task, attempts, max_attempts, reason,
 FROM {schema}.dead_jobs
 WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(task)s::text IS NULL OR task = %(task)s)
-  AND (%(error)s::text IS NULL OR last_error ILIKE '%%' || %(error)s || '%%')
+  AND (%(error)s::text IS NULL OR strpos(lower(last_error), lower(%(error)s)) > 0)
   AND (%(older_than)s::float8 IS NULL
        OR failed_at < now() - make_interval(secs => %(older_than)s::float8))
   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))

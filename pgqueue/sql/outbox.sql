@@ -117,3 +117,7 @@ SELECT id, message_id, topic, key, key_seq, payload, headers,
        0, created_at
 FROM picked
 RETURNING o.id
+
+-- name: notify_outbox
+-- Wake the relays (after an operator requeue, for instance).
+SELECT pg_notify(%(channel)s, '')

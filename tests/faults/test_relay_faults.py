@@ -150,10 +150,12 @@ def kill_between_accept_and_settle(
             " AND application_name LIKE 'pgqueue-%%'",
         )
         wait_until(
-            lambda: not query(
-                dsn,
-                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
-                " AND application_name LIKE 'pgqueue-%%'",
+            lambda: (
+                not query(
+                    dsn,
+                    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name LIKE 'pgqueue-%%'",
+                )
             ),
             10,
             "the killed relay's sessions to end",
@@ -164,9 +166,7 @@ def kill_between_accept_and_settle(
 
 
 def redelivered(dsn: str) -> set[str]:
-    rows = query(
-        dsn, "SELECT message_id::text FROM pgqueue.outbox_delivered WHERE attempts > 1"
-    )
+    rows = query(dsn, "SELECT message_id::text FROM pgqueue.outbox_delivered WHERE attempts > 1")
     return {r["message_id"] for r in rows}
 
 
@@ -229,16 +229,12 @@ def test_redis_relay_killed_after_xadd_adds_no_duplicate_entry(
     assert redelivered(dsn) == held, "the killed relay's messages were delivered again"
 
 
-def test_job_relay_killed_after_enqueueing_creates_no_second_job(
-    dsn: str, relays: Relays
-) -> None:
+def test_job_relay_killed_after_enqueueing_creates_no_second_job(dsn: str, relays: Relays) -> None:
     keys = [f"k{i}" for i in range(5)]
     published = publish_keyed(dsn, "jobs.created", keys, 20)
 
     def job_message_ids() -> list[str]:
-        return [
-            r["m"] for r in query(dsn, "SELECT args->>'message_id' AS m FROM pgqueue.jobs")
-        ]
+        return [r["m"] for r in query(dsn, "SELECT args->>'message_id' AS m FROM pgqueue.jobs")]
 
     first = relays.start()
     held = kill_between_accept_and_settle(dsn, first, job_message_ids, 30)
@@ -246,8 +242,9 @@ def test_job_relay_killed_after_enqueueing_creates_no_second_job(
     wait_until(lambda: outbox_is_drained(dsn), 20, "the second relay to deliver the rest")
 
     jobs = query(
-        dsn, "SELECT args->>'key' AS key, args->>'message_id' AS m, unique_key FROM pgqueue.jobs"
-        " ORDER BY id"
+        dsn,
+        "SELECT args->>'key' AS key, args->>'message_id' AS m, unique_key FROM pgqueue.jobs"
+        " ORDER BY id",
     )
     assert len(jobs) == 100 == len({j["m"] for j in jobs}), "one job per message"
     assert all(j["unique_key"] == f"outbox:{j['m']}" for j in jobs)
@@ -258,9 +255,7 @@ def test_job_relay_killed_after_enqueueing_creates_no_second_job(
 # ------------------------------------------------------------------ several relays
 
 
-def test_two_relays_keep_key_order_and_deliver_each_message_once(
-    dsn: str, relays: Relays
-) -> None:
+def test_two_relays_keep_key_order_and_deliver_each_message_once(dsn: str, relays: Relays) -> None:
     with Receiver() as receiver:
         relays.env["OUTBOX_TEST_HTTP_URL"] = receiver.url("/hook")
         running = [relays.start(), relays.start()]
