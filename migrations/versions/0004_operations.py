@@ -272,24 +272,29 @@ SELECT q.name AS queue,
        coalesce(t.completed_last_hour, 0)::bigint AS completed_last_hour,
        coalesce(t.failed_last_hour, 0)::bigint AS failed_last_hour,
        coalesce(t.retried_last_hour, 0)::bigint AS retried_last_hour,
-       q.is_paused, q.concurrency_limit, q.rate_limit, q.rate_interval_seconds, q.max_depth
+       q.is_paused, q.concurrency_limit, q.rate_limit, q.rate_interval_seconds, q.max_depth,
+       a.is_capped OR w.waiting > 100000 OR d.dead > 100000 AS counts_capped
 FROM "{s}".queues AS q
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE j.run_at <= now()) AS ready,
-           count(*) FILTER (WHERE j.run_at > now()) AS scheduled,
-           min(j.run_at) FILTER (WHERE j.run_at <= now()) AS oldest_ready_at
-    FROM "{s}".jobs AS j WHERE j.queue = q.name AND j.state = 'available'
+    -- At most 100,001 index entries per queue and count: bounded time on any backlog.
+    SELECT count(*) FILTER (WHERE c.run_at <= now()) AS ready,
+           count(*) FILTER (WHERE c.run_at > now()) AS scheduled,
+           min(c.run_at) FILTER (WHERE c.run_at <= now()) AS oldest_ready_at,
+           count(*) > 100000 AS is_capped
+    FROM (SELECT j.run_at FROM "{s}".jobs AS j
+          WHERE j.queue = q.name AND j.state = 'available' LIMIT 100001) AS c
 ) AS a
 CROSS JOIN LATERAL (
     SELECT count(*) AS running FROM "{s}".jobs AS j
     WHERE j.queue = q.name AND j.state = 'running'
 ) AS r
 CROSS JOIN LATERAL (
-    SELECT count(*) AS waiting FROM "{s}".jobs AS j
-    WHERE j.queue = q.name AND j.state = 'waiting'
+    SELECT count(*) AS waiting FROM (SELECT 1 FROM "{s}".jobs AS j
+        WHERE j.queue = q.name AND j.state = 'waiting' LIMIT 100001) AS c
 ) AS w
 CROSS JOIN LATERAL (
-    SELECT count(*) AS dead FROM "{s}".dead_jobs AS x WHERE x.queue = q.name
+    SELECT count(*) AS dead FROM (SELECT 1 FROM "{s}".dead_jobs AS x
+        WHERE x.queue = q.name LIMIT 100001) AS c
 ) AS d
 LEFT JOIN LATERAL (
     SELECT sum(p.completed) FILTER (WHERE p.minute >= date_trunc('minute', now()) - interval '1 minute')
