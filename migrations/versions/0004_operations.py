@@ -78,7 +78,7 @@ $$"""
     )
     op.execute(
         sa.text(
-            f'CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE '
+            f"CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE "
             f'ON "{s}".audit_log '
             f'FOR EACH STATEMENT EXECUTE FUNCTION "{s}".audit_log_is_append_only()'
         )
