@@ -26,6 +26,7 @@ from pgqueue.errors import (
     SchemaNotReady,
 )
 from pgqueue.names import queue_name, schema_name
+from pgqueue.payload import safe_loads
 
 STATEMENT_TIMEOUT_MS = 30_000
 IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
@@ -71,7 +72,7 @@ def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connecti
     """A pgqueue-owned sync session: named, with timeouts, errors translated."""
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, **connect_kwargs(role))
-        _fast_json(conn)
+        set_json_loads(safe_loads, conn)
         query, params = session_settings()
         conn.execute(query, params)
         if not autocommit:
@@ -79,15 +80,6 @@ def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connecti
         return conn
     except psycopg.Error as exc:
         raise translate_error(exc) from None
-
-
-def _fast_json(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
-    """Decode jsonb with orjson on pgqueue-owned sessions when it is installed (3-5x faster)."""
-    try:
-        import orjson
-    except ImportError:
-        return
-    set_json_loads(orjson.loads, conn)
 
 
 async def connect_async(
@@ -98,7 +90,8 @@ async def connect_async(
         conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=autocommit, **connect_kwargs(role)
         )
-        _fast_json(conn)
+        # A corrupted row must dead-letter its job, not crash the process that claimed it.
+        set_json_loads(safe_loads, conn)
         query, params = session_settings()
         await conn.execute(query, params)
         if not autocommit:

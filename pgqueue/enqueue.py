@@ -66,7 +66,7 @@ def _seconds(name: str, value: float | timedelta | None) -> float | None:
 def _row(spec: JobSpec, max_payload_bytes: int) -> dict[str, Any]:
     """Validate one job and turn it into bound parameters; raises before any SQL."""
     task = task_name(spec.task)
-    queue = queue_name(spec.queue or DEFAULT_QUEUE)
+    queue = queue_name(DEFAULT_QUEUE if spec.queue is None else spec.queue)
     if spec.args is None or not isinstance(spec.args, Mapping):
         raise TypeError(
             f"args of task {task!r} must be a mapping of keyword arguments, "

@@ -85,6 +85,7 @@ def upgrade_connection(connection: Connection, schema: str = DEFAULT_SCHEMA) -> 
 
 def upgrade(dsn: str, schema: str = DEFAULT_SCHEMA) -> None:
     """Bring ``schema`` to the newest revision; safe to run concurrently and repeatedly."""
+    schema = schema_name(schema)
     engine = _engine(dsn)
     try:
         with engine.connect() as connection:
@@ -102,6 +103,7 @@ def upgrade(dsn: str, schema: str = DEFAULT_SCHEMA) -> None:
 
 def current(dsn: str, schema: str = DEFAULT_SCHEMA) -> str | None:
     """The revision the database is at, or None when pgqueue was never migrated there."""
+    schema = schema_name(schema)
     engine = _engine(dsn)
     try:
         with engine.connect() as connection:

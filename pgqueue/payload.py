@@ -18,7 +18,8 @@ def encode(value: Any, *, what: str = "args", max_bytes: int = DEFAULT_MAX_PAYLO
     """Encode ``value`` as compact JSON text, or raise a precise error.
 
     ``TypeError`` names the path of a value JSON cannot hold (``args['items'][3]``);
-    ``ValueError`` covers NaN/Infinity, lone surrogates and nesting deeper than 200;
+    ``ValueError`` covers NaN/Infinity, lone surrogates and nesting deeper than the encoder
+    handles (about 1,000 levels; the error then names the first path past 200);
     ``PayloadTooLarge`` fires before any SQL when the text exceeds ``max_bytes``.
     """
     try:
@@ -81,3 +82,25 @@ def decode(text: str | bytes | Any) -> Any:
     if isinstance(text, (str, bytes, bytearray)):
         return json.loads(text)
     return text
+
+
+class Undecodable:
+    """Stands in for a stored value that cannot be decoded (corrupted by hand, or nested
+    deeper than Python's parser goes): the job or message is dead-lettered, the process
+    that claimed it keeps going."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Undecodable({self.error!r})"
+
+
+def safe_loads(data: str | bytes) -> Any:
+    """``json.loads`` that returns :class:`Undecodable` instead of raising."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        return Undecodable(f"{type(exc).__name__}: {exc}"[:500])

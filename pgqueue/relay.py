@@ -22,8 +22,9 @@ from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.outbox import outbox_channel
 from pgqueue.outcome import RELEASE, Outcome, format_error
+from pgqueue.payload import Undecodable
 from pgqueue.sinks import DeliveryError, Message, Sink
-from pgqueue.store import MaintenanceSession, MessageStore, Settlement
+from pgqueue.store import MaintenanceSession, MessageStore, Settlement, Stopping
 from pgqueue.timeouts import within
 
 log = logging.getLogger("pgqueue.relay")
@@ -240,10 +241,16 @@ class Relay:
             self._stopping = True
             self._wake.set()
             self._capacity.set()
-            if not fetch.done():
-                await fetch
+            self.store.stop_retrying()
+            # A claim under way normally returns within a round trip; one stuck reconnecting
+            # to an unreachable database is cancelled (its leases expire; rescue follows).
+            done, _ = await asyncio.wait({fetch}, timeout=1.0)
+            if not done:
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
             stop.cancel()
-            fetch.result()
+            if not fetch.cancelled() and fetch.exception() is not None:
+                fetch.result()
             await self._drain()
         except (SchemaNotReady, ConfigurationError) as exc:
             log.error("%s", exc)
@@ -255,7 +262,7 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             if heartbeat.is_alive():
-                await asyncio.to_thread(heartbeat.join, 10)
+                await asyncio.to_thread(heartbeat.join, 2)
             try:
                 await asyncio.wait_for(
                     self.store.execute("unregister_process", {"id": self.id}), timeout=5
@@ -365,6 +372,13 @@ class Relay:
                 error=f"no route matches topic {message.topic!r}: add app.route(...) and "
                 "requeue with `pgqueue outbox requeue`",
                 blocks_key=True,
+            )
+        if isinstance(message.payload, Undecodable):
+            return Outcome(
+                "fail",
+                reason="undecodable",
+                error=f"the stored payload cannot be decoded: {message.payload.error}",
+                blocks_key=route.dead_blocks_key,
             )
         if message.attempt > route.max_attempts:
             return Outcome(
@@ -481,7 +495,7 @@ class Relay:
                     log.warning(
                         "could not write %d delivery outcomes (%s); retrying", len(batch), exc
                     )
-                if final and failures >= 5:
+                if isinstance(exc, Stopping) or (final and failures >= 5):
                     return
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
                 continue

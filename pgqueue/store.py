@@ -14,6 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgqueue import db
+from pgqueue.errors import DatabaseError
 from pgqueue.outcome import Outcome
 
 log = logging.getLogger("pgqueue.worker")
@@ -48,6 +49,10 @@ class Settlement:
         return found | {i for i, _, _ in self.retry} | {i for i, _, _ in self.fail}
 
 
+class Stopping(DatabaseError):
+    """Raised instead of reconnecting once a shutdown began and the database is unreachable."""
+
+
 class Reconnecting:
     """One pgqueue-owned async session that reconnects with jittered, capped backoff."""
 
@@ -56,9 +61,14 @@ class Reconnecting:
         self._role = role
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._failures = 0
+        self.is_stopping = False
 
     async def get(self) -> psycopg.AsyncConnection[Any]:
         while self._conn is None or self._conn.closed:
+            if self.is_stopping and self._failures:
+                # Shutting down with the database unreachable: stop trying, the caller's
+                # leases expire and any worker rescues the jobs later.
+                raise Stopping("stopping: the database is unreachable", is_transient=True)
             try:
                 self._conn = await db.connect_async(self._dsn, self._role)
                 if self._failures:
@@ -102,6 +112,11 @@ class JobStore:
     async def close(self) -> None:
         await self._claimer.close()
         await self._settler.close()
+
+    def stop_retrying(self) -> None:
+        """From now on, a session that cannot reconnect fails at once instead of retrying."""
+        self._claimer.is_stopping = True
+        self._settler.is_stopping = True
 
     async def _run(
         self, session: Reconnecting, name: str, params: Mapping[str, Any]

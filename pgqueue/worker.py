@@ -27,8 +27,9 @@ from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
 from pgqueue.outcome import COMPLETE, RELEASE, Outcome, decide, format_error
+from pgqueue.payload import Undecodable
 from pgqueue.scheduler import Scheduler
-from pgqueue.store import JobStore, MaintenanceSession, Settlement
+from pgqueue.store import JobStore, MaintenanceSession, Settlement, Stopping
 from pgqueue.threads import interrupt_thread
 from pgqueue.timeouts import within
 
@@ -211,10 +212,16 @@ class Worker:
             self._stopping = True
             self._wake.set()
             self._capacity.set()
-            if not fetch.done():
-                await fetch
+            self.store.stop_retrying()
+            # A claim under way normally returns within a round trip; one stuck reconnecting
+            # to an unreachable database is cancelled (its leases expire; rescue follows).
+            done, _ = await asyncio.wait({fetch}, timeout=1.0)
+            if not done:
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
             stop.cancel()
-            fetch.result()
+            if not fetch.cancelled() and fetch.exception() is not None:
+                fetch.result()
             await self._drain()
         except SchemaNotReady as exc:
             log.error("%s", exc)
@@ -225,7 +232,7 @@ class Worker:
             for task in [*background, *self._lanes]:
                 task.cancel()
             await asyncio.gather(*background, *self._lanes, return_exceptions=True)
-            await asyncio.to_thread(heartbeat.join, 10)
+            await asyncio.to_thread(heartbeat.join, 2)
             try:
                 await asyncio.wait_for(
                     self.store.execute("unregister_process", {"id": self.id}), timeout=5
@@ -488,6 +495,12 @@ class Worker:
                     error=f"no task named {job.task!r} is registered on this worker's app; "
                     "deploy a worker that has it, then `pgqueue dlq requeue`",
                 )
+            elif isinstance(job.args, Undecodable):
+                outcome = Outcome(
+                    "fail",
+                    reason="bad_arguments",
+                    error=f"args cannot be decoded: {job.args.error}",
+                )
             elif not isinstance(job.args, dict):
                 outcome = Outcome(
                     "fail",
@@ -664,7 +677,7 @@ class Worker:
                 self._pending = merged
                 if failures == 1 or failures % 20 == 0:
                     log.warning("could not write %d job outcomes (%s); retrying", len(batch), exc)
-                if final and failures >= 5:
+                if isinstance(exc, Stopping) or (final and failures >= 5):
                     log.error(
                         "giving up on %d outcomes at shutdown; leases will expire", len(batch)
                     )
