@@ -123,6 +123,19 @@ def translate_error(exc: BaseException) -> PgQueueError:
             "the DSN does not parse: use postgresql://user:password@host:port/dbname or "
             "key=value pairs (host=... dbname=...); check --dsn / PGQUEUE_DSN"
         )
+    pgconn = getattr(exc, "pgconn", None)
+    if (
+        isinstance(exc, psycopg.OperationalError)
+        and sqlstate is None
+        and pgconn is not None
+        and getattr(pgconn, "used_password", False)
+    ):
+        # The server was reached and took a password, then refused the session: retrying
+        # cannot help. (libpq reports no SQLSTATE for connection failures.)
+        return ConfigurationError(
+            "PostgreSQL refused the credentials in the DSN: check the user and password "
+            "in --dsn / PGQUEUE_DSN"
+        )
     if isinstance(exc, psycopg.OperationalError) and sqlstate is None:
         # libpq's message names host and port but never the password; keep its first line.
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"

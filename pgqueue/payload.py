@@ -98,9 +98,17 @@ class Undecodable:
         return f"Undecodable({self.error!r})"
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} does not fit a float")
+    return value
+
+
 def safe_loads(data: str | bytes) -> Any:
-    """``json.loads`` that returns :class:`Undecodable` instead of raising."""
+    """``json.loads`` that returns :class:`Undecodable` instead of raising, and refuses
+    numbers a float cannot hold (jsonb keeps ``1e400``; Python would turn it into inf)."""
     try:
-        return json.loads(data)
+        return json.loads(data, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
         return Undecodable(f"{type(exc).__name__}: {exc}"[:500])

@@ -181,7 +181,7 @@ def read_job_state(dsn: str, schema: str = "pgqueue") -> JobState:
         dead = {
             row["id"]: row
             for row in conn.execute(
-                f"SELECT id, task, attempts, max_attempts, reason, last_error, args"
+                f"SELECT id, task, attempts, max_attempts, reason, last_error, args::text AS args"
                 f" FROM {schema}.dead_jobs"
             )
         }
