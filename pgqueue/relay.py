@@ -24,7 +24,7 @@ from pgqueue.outbox import outbox_channel
 from pgqueue.outcome import RELEASE, Outcome, format_error
 from pgqueue.payload import Undecodable
 from pgqueue.sinks import DeliveryError, Message, Sink
-from pgqueue.store import MaintenanceSession, MessageStore, Settlement, Stopping
+from pgqueue.store import MaintenanceSession, MessageStore, Settlement, SettleQueue
 from pgqueue.timeouts import within
 
 log = logging.getLogger("pgqueue.relay")
@@ -112,13 +112,12 @@ class Relay:
         self.metrics = Metrics() if self.settings.metrics_port is not None else None
         self._in_flight: dict[int, _InFlight] = {}
         self._sink_slots: dict[str, asyncio.Semaphore] = {}
-        self._pending = Settlement()
+        self._settle = SettleQueue(self.store, self._count, what="delivery")
         self._stopping = False
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._capacity: asyncio.Event | None = None
-        self._settle_wake: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
 
     # ------------------------------------------------------------ heartbeat hooks
@@ -200,10 +199,7 @@ class Relay:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._capacity = asyncio.Event()
-        self._settle_wake = asyncio.Event()
         self._stop_event = asyncio.Event()
-        # Shutdown waits on this for a flush already under way, instead of cancelling it.
-        self._flush_lock = asyncio.Lock()
         if self._stop_requested:
             self._stop_event.set()
         if install_signals:
@@ -228,7 +224,7 @@ class Relay:
                 started.append(sink)
                 self._sink_slots[sink.name] = asyncio.Semaphore(max(1, sink.max_in_flight))
             heartbeat.start()
-            background.append(asyncio.create_task(self._settle_loop(), name="settle"))
+            background.append(asyncio.create_task(self._settle.run(), name="settle"))
             if self.settings.listen:
                 listener = Listener(
                     self.dsn, [outbox_channel(self.schema)], self._wake.set, role="relay-listen"
@@ -292,7 +288,7 @@ class Relay:
             if flight.task is not None:
                 flight.task.cancel()
         self._in_flight.clear()
-        await self._flush_pending(final=True)
+        await self._settle.flush(final=True)
 
     # ------------------------------------------------------------ claiming and delivering
 
@@ -456,9 +452,9 @@ class Relay:
         if message.sequence in self.lost:
             self.leases.pop(message.sequence, None)
             return
-        self._pending.add(message.sequence, flight.token, outcome)
+        self._settle.pending.add(message.sequence, flight.token, outcome)
         if outcome.kind == "complete" and flight.route is not None:
-            self._pending.sinks[message.sequence] = flight.route.sink.name
+            self._settle.pending.sinks[message.sequence] = flight.route.sink.name
         if outcome.kind == "fail":
             log.warning(
                 "message %s (%s) dead-lettered after attempt %d (%s): %s",
@@ -468,38 +464,7 @@ class Relay:
                 outcome.reason,
                 (outcome.error or "").splitlines()[0] if outcome.error else "",
             )
-        assert self._settle_wake is not None
-        self._settle_wake.set()
-
-    async def _settle_loop(self) -> None:
-        assert self._settle_wake is not None
-        while True:
-            await self._settle_wake.wait()
-            self._settle_wake.clear()
-            await self._flush_pending()
-
-    async def _flush_pending(self, *, final: bool = False) -> None:
-        async with self._flush_lock:
-            await self._flush_locked(final=final)
-
-    async def _flush_locked(self, *, final: bool) -> None:
-        failures = 0
-        while len(self._pending):
-            batch, self._pending = self._pending, Settlement()
-            try:
-                written = await self.store.settle(batch)
-            except DatabaseError as exc:
-                failures += 1
-                self._pending = _merge(batch, self._pending)
-                if failures == 1 or failures % 20 == 0:
-                    log.warning(
-                        "could not write %d delivery outcomes (%s); retrying", len(batch), exc
-                    )
-                if isinstance(exc, Stopping) or (final and failures >= 5):
-                    return
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
-                continue
-            self._count(batch, written)
+        self._settle.notify()
 
     def _count(self, batch: Settlement, written: set[int]) -> None:
         kinds = (
@@ -521,14 +486,3 @@ class Relay:
                 self.stats.retried += 1
             elif kind == "fail":
                 self.stats.failed += 1
-
-
-def _merge(first: Settlement, second: Settlement) -> Settlement:
-    merged = Settlement(
-        complete=first.complete + second.complete,
-        retry=first.retry + second.retry,
-        fail=first.fail + second.fail,
-        release=first.release + second.release,
-    )
-    merged.sinks = {**first.sinks, **second.sinks}
-    return merged

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -43,6 +43,17 @@ class Settlement:
 
     def __len__(self) -> int:
         return len(self.complete) + len(self.retry) + len(self.fail) + len(self.release)
+
+    def merged(self, later: Settlement) -> Settlement:
+        """This batch followed by ``later`` (a failed write goes back in front)."""
+        merged = Settlement(
+            complete=self.complete + later.complete,
+            retry=self.retry + later.retry,
+            fail=self.fail + later.fail,
+            release=self.release + later.release,
+        )
+        merged.sinks = {**self.sinks, **later.sinks}
+        return merged
 
     def ids(self) -> set[int]:
         found = {i for i, _ in self.complete} | {i for i, _ in self.release}
@@ -305,3 +316,65 @@ class MessageStore(JobStore):
                 params["keep_history"] = self._keep_history
             statements.append((renamed[name], params))
         return statements
+
+
+class SettleQueue:
+    """Outcomes waiting to be written, and the one writer that writes them in batches.
+
+    Shared by the worker and the relay. Outcomes that arrive while a write is under way
+    accumulate and go in the next write (group commit). A failed write keeps its outcomes
+    in front and retries with backoff: the heartbeat thread keeps their leases alive, and a
+    lease that expires meanwhile means the item runs again (at least once).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        written: Callable[[Settlement, set[int]], None],
+        *,
+        what: str,
+    ) -> None:
+        self.pending = Settlement()
+        self._store = store
+        self._written = written
+        self._what = what
+        self._wake = asyncio.Event()
+        # Shutdown waits on this for a write under way instead of cancelling it.
+        self._lock = asyncio.Lock()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self, *, final: bool = False) -> None:
+        async with self._lock:
+            failures = 0
+            while len(self.pending):
+                batch, self.pending = self.pending, Settlement()
+                try:
+                    written = await self._store.settle(batch)
+                except DatabaseError as exc:
+                    failures += 1
+                    self.pending = batch.merged(self.pending)
+                    if failures == 1 or failures % 20 == 0:
+                        log.warning(
+                            "could not write %d %s outcomes (%s); retrying",
+                            len(batch),
+                            self._what,
+                            exc,
+                        )
+                    if isinstance(exc, Stopping) or (final and failures >= 5):
+                        log.error(
+                            "giving up on %d %s outcomes at shutdown; leases will expire",
+                            len(batch),
+                            self._what,
+                        )
+                        return
+                    await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                    continue
+                self._written(batch, written)

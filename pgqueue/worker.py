@@ -29,7 +29,7 @@ from pgqueue.names import queue_name
 from pgqueue.outcome import COMPLETE, RELEASE, Outcome, decide, format_error
 from pgqueue.payload import Undecodable
 from pgqueue.scheduler import Scheduler
-from pgqueue.store import JobStore, MaintenanceSession, Settlement, Stopping
+from pgqueue.store import JobStore, MaintenanceSession, Settlement, SettleQueue
 from pgqueue.threads import interrupt_thread
 from pgqueue.timeouts import within
 
@@ -113,7 +113,7 @@ class Worker:
         self.leases: dict[int, uuid.UUID] = {}
         self.lost: set[int] = set()
         self._labels: dict[int, tuple[str, str]] = {}
-        self._pending = Settlement()
+        self._settle = SettleQueue(self.store, self._count, what="job")
         self._ready: deque[_Running] = deque()
         self._idle_lanes: list[asyncio.Future[None]] = []
         self._lanes: set[asyncio.Task[None]] = set()
@@ -125,7 +125,6 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._capacity: asyncio.Event | None = None
-        self._settle_wake: asyncio.Event | None = None
         self._stop_event: asyncio.Event | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.concurrency * 2, thread_name_prefix="pgqueue-job"
@@ -169,10 +168,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._capacity = asyncio.Event()
-        self._settle_wake = asyncio.Event()
         self._stop_event = asyncio.Event()
-        # Shutdown waits on this for a flush already under way, instead of cancelling it.
-        self._flush_lock = asyncio.Lock()
         if self._stop_requested:
             self._stop_event.set()
         if install_signals:
@@ -192,7 +188,7 @@ class Worker:
                 self.metrics.serve(self.settings.metrics_port)
             await self.store.execute("register_queues", {"queues": self.queues})
             heartbeat.start()
-            background.append(asyncio.create_task(self._settle_loop(), name="settle"))
+            background.append(asyncio.create_task(self._settle.run(), name="settle"))
             if self.settings.run_periodic and self.app.periodic_jobs:
                 self.scheduler = Scheduler(self)
                 background.append(asyncio.create_task(self.scheduler.run(), name="cron"))
@@ -269,7 +265,7 @@ class Worker:
             self._running.pop(job.id, None)
         for waiter in self._idle_lanes:
             waiter.cancel()
-        await self._flush_pending(final=True)
+        await self._settle.flush(final=True)
 
     # ------------------------------------------------------------ claiming
 
@@ -623,7 +619,7 @@ class Worker:
         if outcome.kind == "fail":
             task = self.app.tasks.get(job.task)
             outcome = replace(outcome, blocks_key=task.dead_blocks_key if task else True)
-        self._pending.add(job.id, job.lease_token, outcome)
+        self._settle.pending.add(job.id, job.lease_token, outcome)
         if self.metrics is not None:
             self._labels[job.id] = (job.queue, job.task)
         if outcome.kind == "fail":
@@ -647,44 +643,7 @@ class Worker:
                 outcome.delay_seconds,
                 (outcome.error or "").splitlines()[0] if outcome.error else "",
             )
-        assert self._settle_wake is not None
-        self._settle_wake.set()
-
-    async def _settle_loop(self) -> None:
-        assert self._settle_wake is not None
-        while True:
-            await self._settle_wake.wait()
-            self._settle_wake.clear()
-            await self._flush_pending()
-
-    async def _flush_pending(self, *, final: bool = False) -> None:
-        async with self._flush_lock:
-            await self._flush_locked(final=final)
-
-    async def _flush_locked(self, *, final: bool) -> None:
-        failures = 0
-        while len(self._pending):
-            batch, self._pending = self._pending, Settlement()
-            try:
-                written = await self.store.settle(batch)
-            except DatabaseError as exc:
-                failures += 1
-                # Keep the outcomes: leases stay alive through the heartbeat thread, and a
-                # job whose lease expires meanwhile is rescued and run again (at least once).
-                merged = batch
-                for job_id, token, outcome in _entries(self._pending):
-                    merged.add(job_id, token, outcome)
-                self._pending = merged
-                if failures == 1 or failures % 20 == 0:
-                    log.warning("could not write %d job outcomes (%s); retrying", len(batch), exc)
-                if isinstance(exc, Stopping) or (final and failures >= 5):
-                    log.error(
-                        "giving up on %d outcomes at shutdown; leases will expire", len(batch)
-                    )
-                    return
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
-                continue
-            self._count(batch, written)
+        self._settle.notify()
 
     def _count(self, batch: Settlement, written: set[int]) -> None:
         for job_id, _token, outcome in _entries(batch):
