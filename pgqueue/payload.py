@@ -77,13 +77,6 @@ def _explain(value: Any, path: str, depth: int) -> None:
     )
 
 
-def decode(text: str | bytes | Any) -> Any:
-    """Decode JSON text from the database; already-decoded values pass through."""
-    if isinstance(text, (str, bytes, bytearray)):
-        return json.loads(text)
-    return text
-
-
 class Undecodable:
     """Stands in for a stored value that cannot be decoded (corrupted by hand, or nested
     deeper than Python's parser goes): the job or message is dead-lettered, the process

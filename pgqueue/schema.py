@@ -27,11 +27,6 @@ from pgqueue.names import schema_name
 DEFAULT_SCHEMA = "pgqueue"
 VERSION_TABLE = "schema_version"
 
-# Job states kept in the hot table. Completed jobs are deleted from it; dead ones move
-# to dead_jobs. 'available' covers queued and scheduled (run_at in the future) jobs;
-# 'waiting' jobs queue behind the active job of their ordering key.
-JOB_STATES = ("available", "running", "waiting")
-
 
 def _now() -> TextClause:
     return text("now()")

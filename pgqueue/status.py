@@ -20,8 +20,6 @@ STATUS_COLUMNS = (
     "failed_last_hour",
     "is_paused",
 )
-# Queue settings, shown by `pgqueue queues list` and included in `status --json`.
-SETTING_COLUMNS = ("concurrency_limit", "rate_limit", "rate_interval_seconds", "max_depth")
 
 
 def queue_status(dsn: str, schema: str | None = None) -> list[dict[str, Any]]:
