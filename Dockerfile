@@ -4,6 +4,7 @@ COPY pyproject.toml README.md ./
 COPY pgqueue ./pgqueue
 COPY cli ./cli
 COPY migrations ./migrations
+COPY examples ./examples
 RUN pip install --no-cache-dir . && useradd --system pgqueue
 USER pgqueue
 ENTRYPOINT []

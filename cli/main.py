@@ -378,13 +378,27 @@ def status(
 
 
 def print_status(rows: list[dict[str, Any]], health: dict[str, Any] | None = None) -> None:
-    from pgqueue.status import STATUS_COLUMNS
+    from pgqueue.status import ESTIMATED_COUNTS, describe_limits
 
+    columns = ("queue", *ESTIMATED_COUNTS, "lag_seconds", "completed_last_minute")
+    headers = ("ready", "sched", "run", "wait", "dead", "lag s", "done/min", "failed/h", "paused")
     table = Table(title="pgqueue status")
-    for column in STATUS_COLUMNS:
-        table.add_column(column.replace("_", " "), justify="left" if column == "queue" else "right")
+    # The queue name is what people look for: never truncated, even on an 80-column terminal.
+    longest = max((len(row["queue"]) for row in rows), default=5)
+    table.add_column("queue", no_wrap=True, min_width=min(longest, 40))
+    for header in headers:
+        table.add_column(header, justify="right")
+    table.add_column("limits")
     for row in rows:
-        table.add_row(*(str(row[c]) for c in STATUS_COLUMNS))
+        cells = []
+        for column in columns:
+            value = row[column]
+            is_estimate = row["counts_estimated"] and column in ESTIMATED_COUNTS and value > 5000
+            cells.append(f"~{value}" if is_estimate else str(value))
+        cells += [str(row["failed_last_hour"]), "yes" if row["is_paused"] else "no"]
+        table.add_row(*cells, describe_limits(row))
+    if any(row["counts_estimated"] for row in rows):
+        table.caption = "~ estimate: counts past 5,000 come from the planner's statistics"
     if not rows:
         table.caption = "no queues yet"
     console.print(table)

@@ -19,6 +19,8 @@ _VIEWS = (
     "workers",
     "health",
 )
+# Called by the views (queue_stats estimates deep counts); the caller needs EXECUTE.
+_VIEW_FUNCTIONS = ("estimated_jobs(text, text)",)
 _WORKER_FUNCTIONS = (
     "claim_jobs(text, int, uuid, float8, text[], int[], int)",
     "complete_jobs(bigint[], uuid[])",
@@ -86,7 +88,7 @@ def grants_sql(schema: str = "pgqueue", names: RoleNames | None = None) -> str:
     lines.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {roles.worker};")
     lines.append(f"GRANT INSERT ON {q}.audit_log TO {roles.worker};")
     lines.append(f"GRANT SELECT ON {q}.queue_stats TO {roles.worker};")
-    for function in (*_WORKER_FUNCTIONS, *_PRODUCER_FUNCTIONS):
+    for function in (*_WORKER_FUNCTIONS, *_PRODUCER_FUNCTIONS, *_VIEW_FUNCTIONS):
         lines.append(f"GRANT EXECUTE ON FUNCTION {q}.{function} TO {roles.worker};")
     lines.append(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {q} TO {roles.worker};")
     lines.append("-- relay: claim, settle and rescue outbox messages; register itself.")
@@ -98,6 +100,8 @@ def grants_sql(schema: str = "pgqueue", names: RoleNames | None = None) -> str:
     lines.append("-- reader: the views only (they run with the owner's rights).")
     views = ", ".join(f"{q}.{v}" for v in _VIEWS)
     lines.append(f"GRANT SELECT ON {views} TO {roles.reader};")
+    for function in _VIEW_FUNCTIONS:
+        lines.append(f"GRANT EXECUTE ON FUNCTION {q}.{function} TO {roles.reader};")
     lines.append(
         f"-- Optional: GRANT pg_read_all_stats TO {roles.reader}; lets pgqueue.health see the "
         "transaction ages of other roles' sessions."

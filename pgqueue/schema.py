@@ -87,6 +87,7 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Index(
             "jobs_running_queue_idx",
             "queue",
+            "id",
             postgresql_where=text("state = 'running'"),
         ),
         Index(

@@ -19,7 +19,14 @@ STATUS_COLUMNS = (
     "completed_last_minute",
     "failed_last_hour",
     "is_paused",
+    "concurrency_limit",
+    "rate_limit",
+    "rate_interval_seconds",
+    "max_depth",
+    "counts_estimated",
 )
+# Counts the table shows with a "~": the planner's estimate past 5,000 (see queue_stats).
+ESTIMATED_COUNTS = ("ready", "scheduled", "running", "waiting", "dead")
 
 
 def queue_status(dsn: str, schema: str | None = None) -> list[dict[str, Any]]:
@@ -31,3 +38,21 @@ def queue_status(dsn: str, schema: str | None = None) -> list[dict[str, Any]]:
         lag = row.get("lag")
         row["lag_seconds"] = round(lag.total_seconds(), 3) if isinstance(lag, timedelta) else 0.0
     return rows
+
+
+def describe_limits(row: dict[str, Any]) -> str:
+    """A queue's flow-control settings in a few words, "-" when it has none.
+
+    >>> describe_limits({"concurrency_limit": 5, "rate_limit": 100,
+    ...                  "rate_interval_seconds": 1.0, "max_depth": None})
+    'concurrency 5, rate 100/1s'
+    """
+    parts = []
+    if row.get("concurrency_limit") is not None:
+        parts.append(f"concurrency {row['concurrency_limit']}")
+    if row.get("rate_limit") is not None:
+        interval = float(row.get("rate_interval_seconds") or 1.0)
+        parts.append(f"rate {row['rate_limit']}/{interval:g}s")
+    if row.get("max_depth") is not None:
+        parts.append(f"max depth {row['max_depth']}")
+    return ", ".join(parts) or "-"

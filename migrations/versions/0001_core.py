@@ -82,7 +82,7 @@ def upgrade() -> None:
     op.create_index(
         "jobs_running_queue_idx",
         "jobs",
-        ["queue"],
+        ["queue", "id"],
         schema=s,
         postgresql_where=sa.text("state = 'running'"),
     )

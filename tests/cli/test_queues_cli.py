@@ -148,3 +148,20 @@ def test_unreachable_database_is_one_line(pg_admin_dsn: str) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0
     assert "secret" not in result.stderr
+
+
+def test_status_shows_each_queues_limits(dsn: str) -> None:
+    ok("queues", "set", "billing", "--concurrency", "3", "--rate", "50", "--per", "2", "--dsn", dsn)
+    ok("queues", "set", "email", "--max-depth", "5", "--dsn", dsn)
+    ok("queues", "pause", "email", "--dsn", dsn)
+    wide = run("status", "--dsn", dsn, env={"COLUMNS": "220"})
+    assert wide.returncode == 0, wide.stderr
+    table = wide.stdout
+    lines = {line.split()[1]: line for line in table.splitlines() if line.startswith("│")}
+    assert "concurrency 3, rate 50/2s" in lines["billing"]
+    assert "max depth 5" in lines["email"] and " yes " in lines["email"]
+    rows = {r["queue"]: r for r in json.loads(ok("status", "--json", "--dsn", dsn).stdout)}
+    assert rows["billing"]["concurrency_limit"] == 3 and rows["billing"]["rate_limit"] == 50
+    assert rows["billing"]["rate_interval_seconds"] == 2.0 and rows["billing"]["max_depth"] is None
+    assert rows["email"]["max_depth"] == 5 and rows["email"]["is_paused"] is True
+    assert rows["email"]["counts_estimated"] is False

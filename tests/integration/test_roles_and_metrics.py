@@ -127,6 +127,13 @@ def test_reader_reads_the_views_and_nothing_else(dsn: str, roles: RoleNames) -> 
         assert error.value.sqlstate == "42501"
         conn.rollback()
         assert denied(conn, "SELECT * FROM pgqueue.purge_dead_jobs('{1}')")
+        # queue_stats estimates deep counts through a definer function the reader may call;
+        # it explains fixed statements only.
+        (estimate,) = conn.execute("SELECT pgqueue.estimated_jobs('email', 'ready')").fetchone()
+        assert estimate >= 0
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute("SELECT pgqueue.estimated_jobs('email', 'DROP TABLE x')")
+        conn.rollback()
 
 
 def test_no_function_is_executable_by_public_and_definers_pin_search_path(dsn: str) -> None:
@@ -144,7 +151,7 @@ def test_no_function_is_executable_by_public_and_definers_pin_search_path(dsn: s
             " WHERE n.nspname = 'pgqueue' AND p.prosecdef ORDER BY 1"
         ).fetchall()
     assert public == []
-    assert [name for name, _ in definers] == ["enqueue_jobs", "publish_messages"]
+    assert [name for name, _ in definers] == ["enqueue_jobs", "estimated_jobs", "publish_messages"]
     assert all(
         any(setting.startswith("search_path=") for setting in config or [])
         for _, config in definers

@@ -478,18 +478,19 @@ def scans(plan: dict[str, Any], relation: str = "jobs") -> list[str]:
 
 def explain(
     conn: psycopg.Connection[Any], query: str, runs: int = 1
-) -> tuple[dict[str, Any], float]:
-    """The plan and the best execution time of ``runs`` (TIMING OFF: no per-row clock calls,
-    which would otherwise double the time of the counting views)."""
-    best: tuple[dict[str, Any], float] | None = None
+) -> tuple[dict[str, Any], float, float]:
+    """The plan, the first and the best execution time of ``runs`` (TIMING OFF: no per-row
+    clock calls, which would otherwise double the time of the counting views). The first
+    read after a bulk load also sets the rows' hint bits, so it is the slowest."""
+    timings: list[float] = []
+    plan: dict[str, Any] = {}
     for _ in range(runs):
         row = conn.execute(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {query}").fetchone()
         assert row is not None
         document = row[0] if isinstance(row[0], list) else json.loads(row[0])
-        if best is None or document[0]["Execution Time"] < best[1]:
-            best = document[0]["Plan"], document[0]["Execution Time"]
-    assert best is not None
-    return best
+        plan = document[0]["Plan"]
+        timings.append(document[0]["Execution Time"])
+    return plan, timings[0], min(timings)
 
 
 def claim_plan(conn: psycopg.Connection[Any]) -> tuple[list[str], str]:
@@ -500,7 +501,7 @@ def claim_plan(conn: psycopg.Connection[Any]) -> tuple[list[str], str]:
         conn.execute("LOAD 'auto_explain'")
     except psycopg.errors.UndefinedFile:
         conn.rollback()
-        plan, ms = explain(conn, CLAIM_INNER)
+        plan, _, ms = explain(conn, CLAIM_INNER)
         return scans(plan), f"{ms:.2f} ms (EXPLAIN of the inner statement)"
     for setting, value in (
         ("auto_explain.log_min_duration", "0"),
@@ -524,7 +525,7 @@ def claim_plan(conn: psycopg.Connection[Any]) -> tuple[list[str], str]:
 def check_plans(conn: psycopg.Connection[Any], label: str, runs: int) -> list[str]:
     report = []
     for view, query in VIEW_QUERIES.items():
-        plan, ms = explain(conn, query, runs)
+        plan, first, ms = explain(conn, query, runs)
         relation = "dead_jobs" if view == "dead_letters" else "jobs"
         found = scans(plan, relation)
         assert found, f"{label}: {view} does not read pgqueue.{relation}?"
@@ -533,13 +534,55 @@ def check_plans(conn: psycopg.Connection[Any], label: str, runs: int) -> list[st
         )
         if view != "dead_letters":
             assert not any(s.startswith("Seq Scan") for s in scans(plan, "jobs"))
-        report.append(f"{label:>20} {view:<13} {ms:8.2f} ms  {relation}: {'; '.join(found)}")
+        timing = f"first {first:7.2f} ms, best of {runs} {ms:7.2f} ms"
+        report.append(f"{label:>20} {view:<13} {timing}  {relation}: {'; '.join(found)}")
     found, timing = claim_plan(conn)
     assert found and not any(s.startswith("Seq Scan") for s in found), (
         f"{label}: the claim scans pgqueue.jobs sequentially: {found}"
     )
     report.append(f"{label:>20} {'claim':<13} {timing}  jobs: {'; '.join(found)}")
     return report
+
+
+def assert_deep_counts(conn: psycopg.Connection[Any], is_analyzed: bool) -> None:
+    """Past 5,000 a count is the planner's estimate: never below what was read, close to the
+    truth once the table is analyzed; small counts and the lag stay exact."""
+    exact = {
+        (r[0], r[1]): r[2]
+        for r in conn.execute(
+            "SELECT queue, CASE WHEN state = 'available' AND run_at <= now() THEN 'ready' "
+            "WHEN state = 'available' THEN 'scheduled' ELSE state END, count(*) "
+            "FROM pgqueue.jobs GROUP BY 1, 2"
+        )
+    }
+    dead_counts = dict(
+        conn.execute("SELECT queue, count(*) FROM pgqueue.dead_jobs GROUP BY queue").fetchall()
+    )
+    oldest = dict(
+        conn.execute(
+            "SELECT queue, now() - min(run_at) FROM pgqueue.jobs "
+            "WHERE state = 'available' AND run_at <= now() GROUP BY queue"
+        ).fetchall()
+    )
+    rows = conn.execute(
+        "SELECT queue, ready, scheduled, running, waiting, dead, lag, counts_estimated "
+        "FROM pgqueue.queue_stats"
+    ).fetchall()
+    assert len(rows) == 10
+    for queue, ready, scheduled, running, waiting, dead, lag, is_estimated in rows:
+        assert lag == oldest[queue]
+        shown = {"ready": ready, "scheduled": scheduled, "running": running, "waiting": waiting}
+        truths = {name: exact.get((queue, name), 0) for name in shown}
+        shown["dead"], truths["dead"] = dead, dead_counts.get(queue, 0)
+        assert is_estimated == any(truth > 5000 for truth in truths.values())
+        for name, truth in truths.items():
+            if truth <= 5000 and not (name in ("ready", "scheduled") and is_estimated):
+                assert shown[name] == truth, (queue, name)
+            elif is_analyzed:
+                assert abs(shown[name] - truth) <= truth * 0.25, (queue, name, shown, truth)
+            elif name not in ("ready", "scheduled"):
+                assert shown[name] >= 5001, (queue, name)
+        assert ready + scheduled >= min(5001, truths["ready"] + truths["scheduled"])
 
 
 def test_views_and_the_claim_use_indexes_on_a_million_jobs(dsn: str, capsys: Any) -> None:
@@ -551,13 +594,15 @@ def test_views_and_the_claim_use_indexes_on_a_million_jobs(dsn: str, capsys: Any
         fill_seconds = time.monotonic() - started
         assert conn.execute("SELECT count(*) FROM pgqueue.jobs").fetchone() == (1_000_000,)
     with psycopg.connect(dsn) as conn:
-        report = check_plans(conn, "no statistics yet", runs=1)
+        # Three runs each: a dashboard polls these views, so their pages stay cached.
+        report = check_plans(conn, "no statistics yet", runs=3)
+        assert_deep_counts(conn, is_analyzed=False)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE pgqueue.jobs")
         conn.execute("VACUUM ANALYZE pgqueue.dead_jobs")
     with psycopg.connect(dsn) as conn:
-        # Best of three: a dashboard polls these views, so their pages stay cached.
         report += check_plans(conn, "after VACUUM ANALYZE", runs=3)
+        assert_deep_counts(conn, is_analyzed=True)
         version = conn.execute("SHOW server_version").fetchone()
     with capsys.disabled():
         server = version[0] if version else "?"
