@@ -209,11 +209,12 @@ class JobStore:
             async with conn.pipeline():
                 cursors = []
                 for name, params in self._statements(batch):
-                    cursor = conn.cursor(row_factory=dict_row)
+                    cursor = conn.cursor()
                     await cursor.execute(self._queries[name].text, params)  # type: ignore[arg-type]
                     cursors.append(cursor)
+            # Every settle statement returns the id as its first column.
             for cursor in cursors:
-                written.update(row["id"] for row in await cursor.fetchall())
+                written.update(row[0] for row in await cursor.fetchall())
         except psycopg.Error as exc:
             if conn.closed or db.is_connection_error(exc):
                 await self._settler.discard()
