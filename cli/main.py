@@ -393,12 +393,12 @@ def print_status(rows: list[dict[str, Any]], health: dict[str, Any] | None = Non
         cells = []
         for column in columns:
             value = row[column]
-            is_estimate = row["counts_estimated"] and column in ESTIMATED_COUNTS and value > 5000
+            is_estimate = row["counts_estimated"] and column in ESTIMATED_COUNTS and value > 2000
             cells.append(f"~{value}" if is_estimate else str(value))
         cells += [str(row["failed_last_hour"]), "yes" if row["is_paused"] else "no"]
         table.add_row(*cells, describe_limits(row))
     if any(row["counts_estimated"] for row in rows):
-        table.caption = "~ estimate: counts past 5,000 come from the planner's statistics"
+        table.caption = "~ estimate: counts past 2,000 come from the planner's statistics"
     if not rows:
         table.caption = "no queues yet"
     console.print(table)

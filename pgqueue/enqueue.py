@@ -273,6 +273,20 @@ def _one(task: str, args: Mapping[str, Any] | None, options: Mapping[str, Any]) 
     return _Single([JobSpec(task=task, args=args if args is not None else {}, **options)])
 
 
+def _single(
+    job: _Single, schema: str | None, max_payload_bytes: int
+) -> tuple[db.Query, dict[str, Any]]:
+    """The query of a one-job call: a plain job takes the short ``enqueue_job`` path."""
+    built = build(job, {}, schema, max_payload_bytes)
+    assert built is not None
+    columns = built[1]
+    if columns["ordering_key"][0] is not None or columns["unique_key"][0] is not None:
+        return built
+    params = {name: values[0] for name, values in columns.items()}
+    del params["ordering_key"], params["unique_key"]
+    return db.queries(resolve_schema(schema))["enqueue_job"], params
+
+
 def enqueue(
     conn: Any,
     task: str,
@@ -316,8 +330,7 @@ def enqueue(
         "ordering_key": ordering_key,
         "unique_key": unique_key,
     }
-    built = build(_one(task, args, options), {}, schema, max_payload_bytes)
-    assert built is not None
+    built = _single(_one(task, args, options), schema, max_payload_bytes)
     return interpret(db.run_sync(db.sync_connection(conn), *built), on_duplicate)[0]
 
 
@@ -351,8 +364,7 @@ async def enqueue_async(
         "ordering_key": ordering_key,
         "unique_key": unique_key,
     }
-    built = build(_one(task, args, options), {}, schema, max_payload_bytes)
-    assert built is not None
+    built = _single(_one(task, args, options), schema, max_payload_bytes)
     rows = await db.run_async(await db.async_connection(conn), *built)
     return interpret(rows, on_duplicate)[0]
 

@@ -468,13 +468,15 @@ class Relay:
 
     def _count(self, batch: Settlement, written: set[int]) -> None:
         kinds = (
-            [(i, "complete") for i, _ in batch.complete]
-            + [(i, "retry") for i, _, _ in batch.retry]
-            + [(i, "fail") for i, _, _ in batch.fail]
-            + [(i, "release") for i, _ in batch.release]
+            [(i, token, "complete") for i, token in batch.complete]
+            + [(i, token, "retry") for i, token, _ in batch.retry]
+            + [(i, token, "fail") for i, token, _ in batch.fail]
+            + [(i, token, "release") for i, token in batch.release]
         )
-        for sequence, kind in kinds:
-            self.leases.pop(sequence, None)
+        for sequence, token, kind in kinds:
+            # Only this lease: a retried message may already be claimed again.
+            if self.leases.get(sequence) == token:
+                del self.leases[sequence]
             if sequence not in written:
                 self.stats.lost += 1
                 log.warning(

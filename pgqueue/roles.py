@@ -40,6 +40,7 @@ _RELAY_FUNCTIONS = (
 )
 _PRODUCER_FUNCTIONS = (
     "prepare_bulk_enqueue(text[], int[], text[], int)",
+    "enqueue_job(text, text, jsonb, jsonb, smallint, timestamptz, float8, int, float8)",
     "enqueue_jobs(text[], text[], jsonb[], jsonb[], smallint[], timestamptz[], float8[], "
     "int[], float8[], text[], text[])",
     "publish_messages(text[], text[], jsonb[], jsonb[], float8[])",

@@ -80,11 +80,6 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             postgresql_where=text("state = 'available'"),
         ),
         Index(
-            "jobs_lease_idx",
-            "lease_expires_at",
-            postgresql_where=text("state = 'running'"),
-        ),
-        Index(
             "jobs_running_queue_idx",
             "queue",
             "id",

@@ -25,7 +25,7 @@ STATUS_COLUMNS = (
     "max_depth",
     "counts_estimated",
 )
-# Counts the table shows with a "~": the planner's estimate past 5,000 (see queue_stats).
+# Counts the table shows with a "~": the planner's estimate past 2,000 (see queue_stats).
 ESTIMATED_COUNTS = ("ready", "scheduled", "running", "waiting", "dead")
 
 

@@ -339,6 +339,8 @@ class Worker:
         for row in rows:
             # Column order of the claim_jobs query.
             job = Job(*row, _provider=self)  # type: ignore[misc]
+            if job.headers is None:
+                job.headers = {}
             task = tasks.get(job.task)
             if task is not None and task.batch_size is not None:
                 batches.setdefault(task.name, []).append(job)
@@ -646,8 +648,11 @@ class Worker:
         self._settle.notify()
 
     def _count(self, batch: Settlement, written: set[int]) -> None:
-        for job_id, _token, outcome in _entries(batch):
-            self.leases.pop(job_id, None)
+        for job_id, token, outcome in _entries(batch):
+            # Only this lease: a retried job may already be claimed again (a new token) by
+            # this worker, and that lease must stay under the heartbeat.
+            if self.leases.get(job_id) == token:
+                del self.leases[job_id]
             labels = self._labels.pop(job_id, None)
             if self.metrics is not None and labels is not None:
                 if job_id not in written:

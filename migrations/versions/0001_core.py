@@ -72,13 +72,9 @@ def upgrade() -> None:
         schema=s,
         postgresql_where=sa.text("state = 'available'"),
     )
-    op.create_index(
-        "jobs_lease_idx",
-        "jobs",
-        ["lease_expires_at"],
-        schema=s,
-        postgresql_where=sa.text("state = 'running'"),
-    )
+    # The one index of running jobs. Rescue reads it whole (running jobs are bounded by the
+    # workers' slots) rather than keep a lease-expiry index: every claim would insert into
+    # it, and every heartbeat too, where now a heartbeat can be a HOT update.
     op.create_index(
         "jobs_running_queue_idx",
         "jobs",

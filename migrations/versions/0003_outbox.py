@@ -288,8 +288,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
     )
+    -- The subquery runs once: one fresh token per claim, shared by its messages.
     UPDATE "{s}".outbox AS o
-    SET state = 'inflight', attempts = o.attempts + 1, lease_token = gen_random_uuid(),
+    SET state = 'inflight', attempts = o.attempts + 1, lease_token = (SELECT gen_random_uuid()),
         lease_expires_at = now() + make_interval(secs => p_lease_seconds),
         relay_id = p_relay, claimed_at = now()
     FROM candidates AS c

@@ -265,12 +265,18 @@ $$""",
 
 
 def _security(s: str) -> None:
-    # Producers may only call these two: they run with the owner's rights (search_path
+    # Producers may only call these: they run with the owner's rights (search_path
     # pinned), so a producer role needs no privilege on the tables themselves.
     op.execute(
         sa.text(
             f'ALTER FUNCTION "{s}".enqueue_jobs(text[], text[], jsonb[], jsonb[], smallint[], '
             "timestamptz[], float8[], int[], float8[], text[], text[]) SECURITY DEFINER"
+        )
+    )
+    op.execute(
+        sa.text(
+            f'ALTER FUNCTION "{s}".enqueue_job(text, text, jsonb, jsonb, smallint, timestamptz, '
+            "float8, int, float8) SECURITY DEFINER"
         )
     )
     op.execute(
@@ -298,7 +304,7 @@ def _create_views(s: str) -> None:
 
 def _views(s: str) -> list[str]:
     return [
-        # One row per known queue. Each count reads at most 5,001 entries of one queue's
+        # One row per known queue. Each count reads at most 2,001 entries of one queue's
         # part of a partial index; past that the count is the planner's estimate (see
         # estimated_jobs), so the view answers in bounded time on any backlog. Each ORDER BY
         # is its index's order: it keeps the planner on an index scan that stops at the
@@ -314,13 +320,13 @@ SELECT q.name AS queue,
        CASE WHEN a.is_capped
             THEN greatest(a.scheduled, "{s}".estimated_jobs(q.name, 'scheduled'))
             ELSE a.scheduled END AS scheduled,
-       CASE WHEN r.running > 5000
+       CASE WHEN r.running > 2000
             THEN greatest(r.running, "{s}".estimated_jobs(q.name, 'running'))
             ELSE r.running END AS running,
-       CASE WHEN w.waiting > 5000
+       CASE WHEN w.waiting > 2000
             THEN greatest(w.waiting, "{s}".estimated_jobs(q.name, 'waiting'))
             ELSE w.waiting END AS waiting,
-       CASE WHEN d.dead > 5000
+       CASE WHEN d.dead > 2000
             THEN greatest(d.dead, "{s}".estimated_jobs(q.name, 'dead')) ELSE d.dead END AS dead,
        greatest(now() - o.oldest_ready_at, interval '0') AS lag,
        coalesce(t.completed_last_minute, 0)::bigint AS completed_last_minute,
@@ -329,7 +335,7 @@ SELECT q.name AS queue,
        coalesce(t.failed_last_hour, 0)::bigint AS failed_last_hour,
        coalesce(t.retried_last_hour, 0)::bigint AS retried_last_hour,
        q.is_paused, q.concurrency_limit, q.rate_limit, q.rate_interval_seconds, q.max_depth,
-       a.is_capped OR r.running > 5000 OR w.waiting > 5000 OR d.dead > 5000
+       a.is_capped OR r.running > 2000 OR w.waiting > 2000 OR d.dead > 2000
            AS counts_estimated
 -- The queues come as an array, which the planner always counts as ten rows. Read from
 -- the table before it is analyzed, they are costed at hundreds of rows; the plan then
@@ -338,23 +344,23 @@ FROM unnest(ARRAY(SELECT x FROM "{s}".queues AS x)) AS q
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE c.run_at <= now()) AS ready,
            count(*) FILTER (WHERE c.run_at > now()) AS scheduled,
-           count(*) > 5000 AS is_capped
+           count(*) > 2000 AS is_capped
     FROM (SELECT j.run_at FROM "{s}".jobs AS j
           WHERE j.queue = q.name AND j.state = 'available'
-          ORDER BY j.priority DESC, j.run_at, j.id LIMIT 5001) AS c
+          ORDER BY j.priority DESC, j.run_at, j.id LIMIT 2001) AS c
 ) AS a
 CROSS JOIN LATERAL (
     SELECT count(*) AS running FROM (SELECT 1 FROM "{s}".jobs AS j
-        WHERE j.queue = q.name AND j.state = 'running' ORDER BY j.id LIMIT 5001) AS c
+        WHERE j.queue = q.name AND j.state = 'running' ORDER BY j.id LIMIT 2001) AS c
 ) AS r
 CROSS JOIN LATERAL (
     SELECT count(*) AS waiting FROM (SELECT 1 FROM "{s}".jobs AS j
         WHERE j.queue = q.name AND j.state = 'waiting'
-        ORDER BY j.ordering_key, j.key_seq LIMIT 5001) AS c
+        ORDER BY j.ordering_key, j.key_seq LIMIT 2001) AS c
 ) AS w
 CROSS JOIN LATERAL (
     SELECT count(*) AS dead FROM (SELECT 1 FROM "{s}".dead_jobs AS x
-        WHERE x.queue = q.name ORDER BY x.failed_at LIMIT 5001) AS c
+        WHERE x.queue = q.name ORDER BY x.failed_at LIMIT 2001) AS c
 ) AS d
 CROSS JOIN LATERAL (
     -- The first claim-index entry of each priority is that priority's oldest job: one

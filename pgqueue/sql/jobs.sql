@@ -13,6 +13,13 @@ FROM {schema}.enqueue_jobs(
     %(unique_key)s::text[])
 ORDER BY pos
 
+-- name: enqueue_job
+-- One plain job (no ordering or unique key): the short path of enqueue().
+SELECT job_id, status
+FROM {schema}.enqueue_job(%(queue)s::text, %(task)s::text, %(args)s::jsonb, %(headers)s::jsonb,
+                          %(priority)s::smallint, %(run_at)s::timestamptz, %(delay)s::float8,
+                          %(max_attempts)s::int, %(timeout_seconds)s::float8)
+
 -- name: prepare_bulk_enqueue
 -- Before a COPY of plain jobs: depth check, queue registration, NOTIFY and ids, one call.
 SELECT status, db_now, ids
@@ -27,8 +34,9 @@ COPY {schema}.jobs (id, queue, task, args, headers, priority, run_at, max_attemp
 -- name: claim_jobs
 -- Lease up to %(limit)s ready jobs of one queue in one round trip (pause, global
 -- concurrency and rate limits are enforced inside). The attempt is counted at claim.
-SELECT id, queue, task, args, headers, priority, attempts, max_attempts, timeout_seconds,
-       lease_token, ordering_key, created_at, run_at
+-- Empty headers come back as NULL: no jsonb to print and parse for most jobs.
+SELECT id, queue, task, args, nullif(headers, '{{}}'), priority, attempts, max_attempts,
+       timeout_seconds, lease_token, ordering_key, created_at, run_at
 FROM {schema}.claim_jobs(%(queue)s, %(limit)s, %(worker_id)s, %(lease_seconds)s,
                          %(task_names)b::text[], %(task_max_attempts)b::int[],
                          %(default_max_attempts)s)

@@ -151,7 +151,12 @@ def test_no_function_is_executable_by_public_and_definers_pin_search_path(dsn: s
             " WHERE n.nspname = 'pgqueue' AND p.prosecdef ORDER BY 1"
         ).fetchall()
     assert public == []
-    assert [name for name, _ in definers] == ["enqueue_jobs", "estimated_jobs", "publish_messages"]
+    assert [name for name, _ in definers] == [
+        "enqueue_job",
+        "enqueue_jobs",
+        "estimated_jobs",
+        "publish_messages",
+    ]
     assert all(
         any(setting.startswith("search_path=") for setting in config or [])
         for _, config in definers
