@@ -220,10 +220,35 @@ def _copy_request(params: Mapping[str, list[Any]]) -> dict[str, Any]:
     }
 
 
-def _copy_text(params: Mapping[str, list[Any]], db_now: datetime, ids: Sequence[int]) -> str:
-    """Rows in COPY text format. JSON never holds raw tabs or newlines (the encoder escapes
-    them), so doubling backslashes is the only escaping COPY needs; names are allow-listed."""
-    null, backslash, doubled = "\\N", "\\", "\\\\"
+def _copy_text(
+    params: Mapping[str, list[Any]], db_now: datetime, ids: Sequence[int]
+) -> tuple[str, str]:
+    """The COPY query's name and its rows in text format.
+
+    JSON never holds raw tabs or newlines (the encoder escapes them), so doubling
+    backslashes is the only escaping COPY needs; names are allow-listed. When every job
+    keeps the defaults (no headers, priority 0, due now, task's attempts and timeout), only
+    id, queue, task and args travel: the server then parses no timestamp and no second
+    jsonb per row, which halves its share of a bulk enqueue.
+    """
+    backslash, doubled = "\\", "\\\\"
+    if (
+        all(m is None for m in params["max_attempts"])
+        and all(t is None for t in params["timeout_seconds"])
+        and all(r is None for r in params["run_at"])
+        and not any(params["delay"])
+        and not any(params["priority"])
+        and all(h == "{}" for h in params["headers"])
+    ):
+        rows = [
+            f"{job_id}\t{queue}\t{task}\t{args.replace(backslash, doubled)}"
+            for job_id, queue, task, args in zip(
+                ids, params["queue"], params["task"], params["args"], strict=True
+            )
+        ]
+        rows.append("")
+        return "copy_plain_jobs", "\n".join(rows)
+    null = "\\N"
     now_text = db_now.isoformat()
     columns = (
         params["queue"],
@@ -259,7 +284,7 @@ def _copy_text(params: Mapping[str, list[Any]], db_now: datetime, ids: Sequence[
         )
         lines.append("\t".join(fields))
     lines.append("")
-    return "\n".join(lines)
+    return "copy_jobs", "\n".join(lines)
 
 
 def _copy_outcome(row: Mapping[str, Any]) -> str:
@@ -396,9 +421,8 @@ def enqueue_many(
         queries = db.queries(resolve_schema(schema))
         row = db.run_sync(target, queries["prepare_bulk_enqueue"], _copy_request(params))[0]
         if _copy_outcome(row) == "copy":
-            db.copy_sync(
-                target, queries["copy_jobs"], _copy_text(params, row["db_now"], row["ids"])
-            )
+            name, text = _copy_text(params, row["db_now"], row["ids"])
+            db.copy_sync(target, queries[name], text)
             return list(row["ids"])
     return interpret(db.run_sync(target, query, params), on_duplicate)
 
@@ -425,8 +449,8 @@ async def enqueue_many_async(
             0
         ]
         if _copy_outcome(row) == "copy":
-            text = _copy_text(params, row["db_now"], row["ids"])
-            await db.copy_async(target, queries["copy_jobs"], text)
+            name, text = _copy_text(params, row["db_now"], row["ids"])
+            await db.copy_async(target, queries[name], text)
             return list(row["ids"])
     return interpret(await db.run_async(target, query, params), on_duplicate)
 

@@ -26,6 +26,11 @@ SELECT status, db_now, ids
 FROM {schema}.prepare_bulk_enqueue(%(queues)s::text[], %(queue_counts)s::int[],
                                     %(ready_queues)s::text[], %(count)s)
 
+-- name: copy_plain_jobs
+-- The bulk insert when every job keeps the defaults: headers, priority, run_at (now(), the
+-- transaction's time, as prepare_bulk_enqueue reported it) come from the column defaults.
+COPY {schema}.jobs (id, queue, task, args) FROM STDIN
+
 -- name: copy_jobs
 -- The bulk insert itself (text format; ids drawn by prepare_bulk_enqueue).
 COPY {schema}.jobs (id, queue, task, args, headers, priority, run_at, max_attempts,

@@ -253,6 +253,31 @@ def test_bulk_copy_round_trips_awkward_text_and_options(dsn: str) -> None:
     assert last[1] == {"i": -1} and last[3:6] == (7, 3, 2.5)
 
 
+def test_bulk_copy_of_default_jobs_sends_four_columns_and_keeps_every_default(dsn: str) -> None:
+    awkward = {"s": 'back\\slash "quote" tab\t newline\n é ☃ \\N'}
+    with psycopg.connect(dsn) as conn:
+        ids = pgqueue.enqueue_many(conn, [("t", {**awkward, "i": i}) for i in range(1200)])
+        now = conn.execute("SELECT now()").fetchone()
+        conn.commit()
+        rows = conn.execute(
+            "SELECT id, queue, args, headers, priority, run_at, max_attempts, timeout_seconds, "
+            "state, attempts FROM pgqueue.jobs ORDER BY id"
+        ).fetchall()
+    assert [row[0] for row in rows] == ids and len(ids) == 1200
+    assert rows[7][1:] == (
+        "default",
+        {**awkward, "i": 7},
+        {},
+        0,
+        now[0],
+        None,
+        None,
+        "available",
+        0,
+    )
+    assert {row[5] for row in rows} == {now[0]}
+
+
 async def test_bulk_copy_async_and_queue_full_keeps_the_transaction(dsn: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         ids = await pgqueue.enqueue_many_async(conn, [("t", {"i": i}) for i in range(1200)])
