@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import time
 
 import psycopg
+from noop_drain import drain
 from server import PostgresServer
 
 import pgqueue
@@ -48,28 +48,9 @@ CREATE TRIGGER job_events_delete AFTER DELETE ON pgqueue.jobs REFERENCING OLD TA
 
 
 def _worker(dsn: str, total: int, started: object, finished: object) -> None:
-    app = pgqueue.App()
-    done = [0]
-
-    @app.task(queue="bench")
-    async def noop(job: pgqueue.Job, **_: object) -> None:
-        done[0] += 1
-
-    settings = pgqueue.WorkerSettings(concurrency=2000, batch_size=1000, lease_seconds=30)
-    worker = pgqueue.Worker(app, dsn, queues=["bench"], settings=settings)
-
-    import asyncio
-
-    async def main() -> None:
-        run = asyncio.create_task(worker.run_async())
-        started.value = time.perf_counter()  # type: ignore[attr-defined]
-        while done[0] < total:
-            await asyncio.sleep(0.005)
-        finished.value = time.perf_counter()  # type: ignore[attr-defined]
-        worker.request_stop()
-        await run
-
-    asyncio.run(main())
+    began, ended = drain(dsn, total)
+    started.value = began  # type: ignore[attr-defined]
+    finished.value = ended  # type: ignore[attr-defined]
 
 
 def measure(server: PostgresServer, variant: str, jobs: int, attempt: int) -> float:
