@@ -378,30 +378,36 @@ def status(
 
 
 def print_status(rows: list[dict[str, Any]], health: dict[str, Any] | None = None) -> None:
-    from pgqueue.status import ESTIMATED_COUNTS, describe_limits
+    from rich import box
 
-    columns = ("queue", *ESTIMATED_COUNTS, "lag_seconds", "completed_last_minute")
-    headers = ("ready", "sched", "run", "wait", "dead", "lag s", "done/min", "failed/h", "paused")
-    table = Table(title="pgqueue status")
-    # The queue name is what people look for: never truncated, even on an 80-column terminal.
+    from pgqueue.status import ESTIMATED_COUNTS, describe_limits, describe_seconds
+
+    # Column rules only under the header: the table fits an 80-column terminal.
+    table = Table(title="pgqueue status", box=box.SIMPLE_HEAD, pad_edge=False)
+    # The queue name is what people look for: never truncated.
     longest = max((len(row["queue"]) for row in rows), default=5)
     table.add_column("queue", no_wrap=True, min_width=min(longest, 40))
+    headers = ("ready", "sched", "run", "wait", "dead", "lag", "done/min", "dead/h", "paused")
     for header in headers:
-        table.add_column(header, justify="right")
-    table.add_column("limits")
+        table.add_column(header, justify="right", no_wrap=True)
     for row in rows:
-        cells = []
-        for column in columns:
+        cells = [row["queue"]]
+        for column in ESTIMATED_COUNTS:
             value = row[column]
-            is_estimate = row["counts_estimated"] and column in ESTIMATED_COUNTS and value > 2000
+            is_estimate = row["counts_estimated"] and value > 2000
             cells.append(f"~{value}" if is_estimate else str(value))
-        cells += [str(row["failed_last_hour"]), "yes" if row["is_paused"] else "no"]
-        table.add_row(*cells, describe_limits(row))
+        cells.append(describe_seconds(row["lag_seconds"]))
+        cells += [str(row["completed_last_minute"]), str(row["failed_last_hour"])]
+        table.add_row(*cells, "yes" if row["is_paused"] else "no")
     if any(row["counts_estimated"] for row in rows):
         table.caption = "~ estimate: counts past 2,000 come from the planner's statistics"
     if not rows:
         table.caption = "no queues yet"
     console.print(table)
+    for row in rows:
+        limits = describe_limits(row)
+        if limits != "-":
+            console.print(f"limits of {row['queue']}: {limits}", markup=False, highlight=False)
     if health is not None:
         reasons = f": {health['reasons']}" if health.get("reasons") else ""
         console.print(f"health: {health['verdict']}{reasons}", markup=False, highlight=False)

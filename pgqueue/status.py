@@ -40,6 +40,24 @@ def queue_status(dsn: str, schema: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def describe_seconds(seconds: float) -> str:
+    """An age in a few characters: ``0.2s``, ``45s``, ``12m05s``, ``3h20m``, ``2d04h``.
+
+    >>> describe_seconds(725.4)
+    '12m05s'
+    """
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
 def describe_limits(row: dict[str, Any]) -> str:
     """A queue's flow-control settings in a few words, "-" when it has none.
 
