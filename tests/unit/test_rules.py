@@ -127,3 +127,37 @@ def test_delays_must_be_non_negative() -> None:
         Retry(-1)
     with pytest.raises(ValueError):
         RetryPolicy(multiplier=0.5)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0.0, "0.0s"),
+        (0.26, "0.3s"),
+        (45.9, "45s"),
+        (725.4, "12m05s"),
+        (12000, "3h20m"),
+        (187200, "2d04h"),
+    ],
+)
+def test_status_ages_are_short_and_readable(seconds: float, shown: str) -> None:
+    from pgqueue.status import describe_seconds
+
+    assert describe_seconds(seconds) == shown
+
+
+def test_status_limits_in_words() -> None:
+    from pgqueue.status import describe_limits
+
+    assert describe_limits({}) == "-"
+    assert (
+        describe_limits(
+            {
+                "concurrency_limit": 5,
+                "rate_limit": 100,
+                "rate_interval_seconds": 0.5,
+                "max_depth": 10,
+            }
+        )
+        == "concurrency 5, rate 100/0.5s, max depth 10"
+    )
