@@ -12,6 +12,14 @@ from pgqueue.errors import PayloadTooLarge
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 _MAX_DEPTH = 200
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# For values read back from jsonb (sinks re-encode payloads): one encoder for all, since
+# ``json.dumps`` with any keyword builds a new one per call.
+_WIRE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def wire_json(value: Any) -> str:
+    """Compact JSON text of a value that came from the database (UTF-8, no spaces)."""
+    return _WIRE_ENCODER.encode(value)
 
 
 def encode(value: Any, *, what: str = "args", max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:

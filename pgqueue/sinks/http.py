@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import math
 import re
 import time
@@ -14,6 +13,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
+from pgqueue.payload import wire_json
 from pgqueue.sinks import MESSAGE_ID_HEADER, DeliveryError, Message
 from pgqueue.sinks.http_client import ConnectionPool, TransportError
 from pgqueue.timeouts import within
@@ -183,7 +183,7 @@ class WebhookSink:
             "created_at": message.created_at.isoformat(),
         }
         try:
-            text = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+            text = wire_json(document)
         except (TypeError, ValueError) as exc:
             raise DeliveryError(
                 f"webhook {self.name!r}: message {message.id} is not JSON-serializable: {exc}",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from urllib.parse import urlsplit
 
 from redis import exceptions as redis_errors
@@ -12,6 +11,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from pgqueue.payload import wire_json
 from pgqueue.sinks import DeliveryError, Message
 
 # A Lua script runs atomically, so check-then-append-then-mark cannot race with another relay.
@@ -160,8 +160,8 @@ class RedisStreamSink:
 
     def _fields(self, message: Message) -> dict[str, str]:
         try:
-            payload = json.dumps(message.payload, separators=(",", ":"), ensure_ascii=False)
-            headers = json.dumps(dict(message.headers), separators=(",", ":"), ensure_ascii=False)
+            payload = wire_json(message.payload)
+            headers = wire_json(dict(message.headers))
         except (TypeError, ValueError) as exc:
             raise DeliveryError(
                 f"redis sink {self.name!r}: message {message.id} is not JSON-serializable: {exc}",
