@@ -18,6 +18,7 @@ from pgqueue.breaker import CircuitBreaker
 from pgqueue.config import resolve_schema
 from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
+from pgqueue.lifecycle import wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.outbox import outbox_channel
@@ -253,18 +254,7 @@ class Relay:
             self.exit_code = 3 if isinstance(exc, SchemaNotReady) else 1
         finally:
             self._stopping = True
-            heartbeat.stop()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if heartbeat.is_alive():
-                await asyncio.to_thread(heartbeat.join, 2)
-            try:
-                await asyncio.wait_for(
-                    self.store.execute("unregister_process", {"id": self.id}), timeout=5
-                )
-            except Exception:
-                pass
+            await wind_down(background, heartbeat, self.store, self.id)
             for sink in started:
                 try:
                     await sink.close()

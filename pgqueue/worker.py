@@ -23,6 +23,7 @@ from pgqueue.config import resolve_schema
 from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
+from pgqueue.lifecycle import wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
@@ -224,17 +225,7 @@ class Worker:
             self.exit_code = 3
         finally:
             self._stopping = True
-            heartbeat.stop()
-            for task in [*background, *self._lanes]:
-                task.cancel()
-            await asyncio.gather(*background, *self._lanes, return_exceptions=True)
-            await asyncio.to_thread(heartbeat.join, 2)
-            try:
-                await asyncio.wait_for(
-                    self.store.execute("unregister_process", {"id": self.id}), timeout=5
-                )
-            except Exception:
-                pass
+            await wind_down([*background, *self._lanes], heartbeat, self.store, self.id)
             await self.store.close()
             await self._close_pools()
             self._executor.shutdown(wait=False, cancel_futures=True)
