@@ -382,25 +382,36 @@ def print_status(rows: list[dict[str, Any]], health: dict[str, Any] | None = Non
 
     from pgqueue.status import ESTIMATED_COUNTS, describe_limits, describe_seconds
 
-    # Column rules only under the header: the table fits an 80-column terminal.
-    table = Table(title="pgqueue status", box=box.SIMPLE_HEAD, pad_edge=False)
-    # The queue name is what people look for: never truncated.
-    longest = max((len(row["queue"]) for row in rows), default=5)
-    table.add_column("queue", no_wrap=True, min_width=min(longest, 40))
     headers = ("ready", "sched", "run", "wait", "dead", "lag", "done/min", "dead/h", "paused")
-    for header in headers:
-        table.add_column(header, justify="right", no_wrap=True)
+    lines = []
     for row in rows:
-        cells = [row["queue"]]
+        cells = []
         for column in ESTIMATED_COUNTS:
             value = row[column]
-            is_estimate = row["counts_estimated"] and value > 2000
-            cells.append(f"~{value}" if is_estimate else str(value))
+            if row["counts_estimated"] and value == 2001:
+                cells.append("2001+")  # read to the limit; the planner guessed lower
+            elif row["counts_estimated"] and value > 2001:
+                cells.append(f"~{value}")
+            else:
+                cells.append(str(value))
         cells.append(describe_seconds(row["lag_seconds"]))
         cells += [str(row["completed_last_minute"]), str(row["failed_last_hour"])]
-        table.add_row(*cells, "yes" if row["is_paused"] else "no")
+        cells.append("yes" if row["is_paused"] else "no")
+        lines.append((row["queue"], cells))
+    # Rules only under the header and one space between columns: the table fits an
+    # 80-column terminal. Numbers are never cut; a long queue name folds instead.
+    table = Table(title="pgqueue status", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("queue", overflow="fold")
+    for index, header in enumerate(headers):
+        widest = max((len(cells[index]) for _, cells in lines), default=0)
+        table.add_column(header, justify="right", no_wrap=True, min_width=max(widest, len(header)))
+    for queue, cells in lines:
+        table.add_row(queue, *cells)
     if any(row["counts_estimated"] for row in rows):
-        table.caption = "~ estimate: counts past 2,000 come from the planner's statistics"
+        table.caption = (
+            "past 2,000 a count is the planner's estimate (~); 2001+ means at least that many "
+            "(the table's statistics are older than its rows)"
+        )
     if not rows:
         table.caption = "no queues yet"
     console.print(table)
