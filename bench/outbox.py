@@ -102,12 +102,21 @@ def _run_relay(app: pgqueue.App, dsn: str, done: Any, total: int) -> float:
     return finished[0] - started
 
 
-def measure(sink: str, server: PostgresServer, messages: int, keys: int) -> dict[str, Any]:
+def _http_relay_process(dsn: str, port: int, total: int, counter: Any) -> None:
+    """One more relay process for the HTTP sink (``--relays``), stopped at ``total``."""
+    app = pgqueue.App()
+    app.route("*", WebhookSink("http", f"http://127.0.0.1:{port}/hook", max_in_flight=512))
+    _run_relay(app, dsn, lambda: counter.value, total)
+
+
+def measure(
+    sink: str, server: PostgresServer, messages: int, keys: int, relays: int = 1
+) -> dict[str, Any]:
     dsn = server.create_database(f"outbox_{sink}")
     migrate.upgrade(dsn)
     publish_s = _publish(dsn, messages, keys)
     app = pgqueue.App()
-    result: dict[str, Any] = {"sink": sink, "messages": messages, "keys": keys}
+    result: dict[str, Any] = {"sink": sink, "relays": relays, "messages": messages, "keys": keys}
     if sink == "memory":
         got: list[tuple[str, int]] = []
 
@@ -127,7 +136,16 @@ def measure(sink: str, server: PostgresServer, messages: int, keys: int) -> dict
         receiver.start()
         time.sleep(0.5)
         app.route("*", WebhookSink("http", f"http://127.0.0.1:{port}/hook", max_in_flight=512))
+        # Same (default) start method as the counter they share.
+        others = [
+            multiprocessing.Process(target=_http_relay_process, args=(dsn, port, messages, counter))
+            for _ in range(relays - 1)
+        ]
+        for process in others:
+            process.start()
         elapsed = _run_relay(app, dsn, lambda: counter.value, messages)
+        for process in others:
+            process.join(60)
         time.sleep(0.5)
         with open(keys_file) as source:
             in_order = _in_order([tuple(pair) for pair in json.load(source)])  # type: ignore[misc]
@@ -182,10 +200,14 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--sinks", default="memory,http,redis")
     parser.add_argument("--pg", type=int, default=18)
+    parser.add_argument(
+        "--relays", type=int, default=1, help="relay processes for the HTTP sink (default 1)"
+    )
     options = parser.parse_args()
     with PostgresServer(major=options.pg) as server:
         for sink in options.sinks.split(","):
-            result = measure(sink, server, options.messages, options.keys)
+            relays = options.relays if sink == "http" else 1
+            result = measure(sink, server, options.messages, options.keys, relays)
             print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
 
 
