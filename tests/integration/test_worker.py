@@ -51,6 +51,46 @@ def test_sync_and_async_handlers_run_once_and_leave_the_hot_table(dsn: str) -> N
     assert scalar(dsn, "SELECT count(*) FROM pgqueue.dead_jobs") == 0
 
 
+def test_a_handler_sees_its_jobs_fields_as_stored(dsn: str) -> None:
+    app = pgqueue.App()
+    seen: list[pgqueue.Job] = []
+
+    @app.task(queue="fields")
+    def record(job: pgqueue.Job, n: int) -> None:
+        seen.append(job)
+
+    job_id = enqueue(
+        dsn,
+        "record",
+        {"n": 1},
+        queue="fields",
+        priority=3,
+        headers={"trace": "t-1"},
+        ordering_key="k",
+        max_attempts=4,
+        timeout=9.5,
+    )
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute(
+            "SELECT created_at, run_at FROM pgqueue.jobs WHERE id = %s", (job_id,)
+        ).fetchone()
+    assert stored is not None
+    with running_worker(app, dsn, queues=["fields"]):
+        wait_until(lambda: len(seen) == 1)
+    (job,) = seen
+    assert (job.id, job.queue, job.task, dict(job.args), dict(job.headers)) == (
+        job_id,
+        "fields",
+        "record",
+        {"n": 1},
+        {"trace": "t-1"},
+    )
+    assert (job.priority, job.attempt, job.max_attempts, job.timeout_seconds) == (3, 1, 4, 9.5)
+    assert job.ordering_key == "k" and job.is_last_attempt is False
+    assert (job.created_at, job.run_at) == stored
+    assert job.created_at.tzinfo is not None
+
+
 def test_retry_delays_follow_the_policy_on_the_database_clock(dsn: str) -> None:
     app = pgqueue.App()
     policy = pgqueue.RetryPolicy(base_seconds=0.4, multiplier=2, max_seconds=10, jitter=False)
