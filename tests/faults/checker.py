@@ -208,7 +208,7 @@ def read_job_state(dsn: str, schema: str = "pgqueue") -> JobState:
 
 def enable_job_events(dsn: str, schema: str = "pgqueue") -> None:
     """``pgqueue audit job-events on``: the checker then knows which attempt was acked."""
-    from pgqueue.cli.operations import switch_job_events
+    from pgqueue.cli.admin import switch_job_events
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         switch_job_events(conn, schema, True)
