@@ -380,20 +380,12 @@ def status(
 def print_status(rows: list[dict[str, Any]], health: dict[str, Any] | None = None) -> None:
     from rich import box
 
-    from pgqueue.status import ESTIMATED_COUNTS, describe_limits, describe_seconds
+    from pgqueue.status import count_cells, describe_limits, describe_seconds
 
     headers = ("ready", "sched", "run", "wait", "dead", "lag", "done/min", "dead/h", "paused")
     lines = []
     for row in rows:
-        cells = []
-        for column in ESTIMATED_COUNTS:
-            value = row[column]
-            if row["counts_estimated"] and value == 2001:
-                cells.append("2001+")  # read to the limit; the planner guessed lower
-            elif row["counts_estimated"] and value > 2001:
-                cells.append(f"~{value}")
-            else:
-                cells.append(str(value))
+        cells = count_cells(row)
         cells.append(describe_seconds(row["lag_seconds"]))
         cells += [str(row["completed_last_minute"]), str(row["failed_last_hour"])]
         cells.append("yes" if row["is_paused"] else "no")

@@ -40,6 +40,36 @@ def queue_status(dsn: str, schema: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def count_cells(row: dict[str, Any]) -> list[str]:
+    """The five counts of a ``queue_stats`` row as the status table shows them.
+
+    Past 2,000 available jobs ``ready`` and ``scheduled`` are both estimates (their sum is
+    then above 2,000); ``running``, ``waiting`` and ``dead`` are estimates above 2,000. An
+    estimate reads ``~N``; ``2001+`` is the floor of what was read, when the planner's
+    statistics guessed lower.
+
+    >>> count_cells({"ready": 1668, "scheduled": 3332, "running": 0, "waiting": 0,
+    ...              "dead": 2, "counts_estimated": True})
+    ['~1668', '~3332', '0', '0', '2']
+    """
+    estimated = bool(row.get("counts_estimated"))
+    is_available_estimated = estimated and row["ready"] + row["scheduled"] > 2000
+    cells = []
+    for column in ESTIMATED_COUNTS:
+        value = row[column]
+        if column in ("ready", "scheduled"):
+            is_estimate = is_available_estimated
+        else:
+            is_estimate = estimated and value > 2000
+        if is_estimate and value == 2001:
+            cells.append("2001+")
+        elif is_estimate:
+            cells.append(f"~{value}")
+        else:
+            cells.append(str(value))
+    return cells
+
+
 def describe_seconds(seconds: float) -> str:
     """An age in a few characters: ``0.2s``, ``45s``, ``12m05s``, ``3h20m``, ``2d04h``.
 

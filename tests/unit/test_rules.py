@@ -161,3 +161,15 @@ def test_status_limits_in_words() -> None:
         )
         == "concurrency 5, rate 100/0.5s, max depth 10"
     )
+
+
+def test_status_marks_every_estimated_count() -> None:
+    from pgqueue.status import count_cells
+
+    row = {"ready": 1668, "scheduled": 3332, "running": 0, "waiting": 0, "dead": 2}
+    assert count_cells({**row, "counts_estimated": True}) == ["~1668", "~3332", "0", "0", "2"]
+    assert count_cells({**row, "counts_estimated": False}) == ["1668", "3332", "0", "0", "2"]
+    deep = {"ready": 2001, "scheduled": 0, "running": 2001, "waiting": 7000, "dead": 3}
+    assert count_cells({**deep, "counts_estimated": True}) == ["2001+", "~0", "2001+", "~7000", "3"]
+    exact = {"ready": 1500, "scheduled": 500, "running": 1, "waiting": 2500, "dead": 0}
+    assert count_cells({**exact, "counts_estimated": True}) == ["1500", "500", "1", "~2500", "0"]
