@@ -222,12 +222,13 @@ class Report:
     scenario: str
     kind: str  # "jobs" or "messages"
     total: int  # committed (plus unknown ones that turned out to exist)
-    completed: int
-    dead_lettered: int
-    lost: int
-    duplicated: int
-    unexpected: int
     runs: int  # handler runs, or deliveries
+    # Tallied by the check that builds the report.
+    completed: int = 0
+    dead_lettered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    unexpected: int = 0
     indeterminate: int = 0  # commit outcome unknown
     invocation: str = ""
     notes: list[str] = field(default_factory=list)
@@ -352,11 +353,6 @@ def check_jobs(
         scenario,
         "jobs",
         total=len(expected),
-        completed=0,
-        dead_lettered=0,
-        lost=0,
-        duplicated=0,
-        unexpected=0,
         runs=len(runs),
         indeterminate=len(unknown),
         invocation=invocation(),
@@ -611,11 +607,6 @@ def check_messages(
         scenario,
         "messages",
         total=len(expected),
-        completed=0,
-        dead_lettered=0,
-        lost=0,
-        duplicated=0,
-        unexpected=0,
         runs=len(deliveries),
         indeterminate=len(unknown),
         invocation=invocation(),
