@@ -6,7 +6,8 @@ import hashlib
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -15,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
@@ -333,19 +335,68 @@ async def run_async(
         raise translate_error(exc) from exc
 
 
-def copy_sync(conn: psycopg.Connection[Any], query: Query, data: str) -> None:
-    """COPY ``data`` (text format) on a caller's connection, in its transaction."""
+def copy_sync(conn: psycopg.Connection[Any], query: Query, chunks: Iterable[str]) -> None:
+    """COPY text-format ``chunks`` on a caller's connection, each sent as it is produced."""
     try:
         with conn.cursor() as cursor, cursor.copy(query.text) as copy:  # type: ignore[arg-type]
-            copy.write(data)
+            for chunk in chunks:
+                copy.write(chunk)
     except psycopg.Error as exc:
         raise translate_error(exc) from exc
 
 
-async def copy_async(conn: psycopg.AsyncConnection[Any], query: Query, data: str) -> None:
+async def copy_async(
+    conn: psycopg.AsyncConnection[Any], query: Query, chunks: Iterable[str]
+) -> None:
     """The async twin of :func:`copy_sync`."""
     try:
         async with conn.cursor() as cursor, cursor.copy(query.text) as copy:  # type: ignore[arg-type]
-            await copy.write(data)
+            for chunk in chunks:
+                await copy.write(chunk)
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+
+
+# A savepoint inside the caller's transaction: an error inside takes back only what was
+# written inside, and the caller's transaction stays usable. On a connection in autocommit
+# the block is a transaction of its own instead.
+
+
+@contextmanager
+def savepoint_sync(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Run the block so that an error inside undoes only the block's own writes."""
+    if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+        with conn.transaction():
+            yield
+        return
+    try:
+        conn.execute("SAVEPOINT pgqueue_bulk")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO SAVEPOINT pgqueue_bulk")
+            conn.execute("RELEASE SAVEPOINT pgqueue_bulk")
+            raise
+        conn.execute("RELEASE SAVEPOINT pgqueue_bulk")
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+
+
+@asynccontextmanager
+async def savepoint_async(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """The async twin of :func:`savepoint_sync`."""
+    if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+        async with conn.transaction():
+            yield
+        return
+    try:
+        await conn.execute("SAVEPOINT pgqueue_bulk")
+        try:
+            yield
+        except BaseException:
+            await conn.execute("ROLLBACK TO SAVEPOINT pgqueue_bulk")
+            await conn.execute("RELEASE SAVEPOINT pgqueue_bulk")
+            raise
+        await conn.execute("RELEASE SAVEPOINT pgqueue_bulk")
     except psycopg.Error as exc:
         raise translate_error(exc) from exc

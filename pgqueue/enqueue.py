@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pgqueue import db
+from pgqueue import bulk, db
 from pgqueue.config import resolve_schema
 from pgqueue.errors import DuplicateJob, QueueFull
 from pgqueue.names import key_value, queue_name, task_name
 from pgqueue.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode
 
 DEFAULT_QUEUE = "default"
-# From this many plain jobs (no ordering or unique key) on, enqueue_many uses COPY.
-COPY_THRESHOLD = 1000
 _PRIORITY_RANGE = range(-32768, 32768)
 OnDuplicate = Literal["return", "raise"]
 
@@ -201,92 +198,6 @@ def interpret(rows: Sequence[Mapping[str, Any]], on_duplicate: OnDuplicate) -> l
     return ids
 
 
-def _copyable(params: Mapping[str, list[Any]]) -> bool:
-    return (
-        len(params["task"]) >= COPY_THRESHOLD
-        and not any(params["ordering_key"])
-        and not any(params["unique_key"])
-    )
-
-
-def _copy_request(params: Mapping[str, list[Any]]) -> dict[str, Any]:
-    counts = Counter(params["queue"])
-    queues = sorted(counts)
-    return {
-        "queues": queues,
-        "queue_counts": [counts[q] for q in queues],
-        "ready_queues": queues,
-        "count": len(params["task"]),
-    }
-
-
-def _copy_text(
-    params: Mapping[str, list[Any]], db_now: datetime, ids: Sequence[int]
-) -> tuple[str, str]:
-    """The COPY query's name and its rows in text format.
-
-    JSON never holds raw tabs or newlines (the encoder escapes them), so doubling
-    backslashes is the only escaping COPY needs; names are allow-listed. When every job
-    keeps the defaults (no headers, priority 0, due now, task's attempts and timeout), only
-    id, queue, task and args travel: the server then parses no timestamp and no second
-    jsonb per row, which halves its share of a bulk enqueue.
-    """
-    backslash, doubled = "\\", "\\\\"
-    if (
-        all(m is None for m in params["max_attempts"])
-        and all(t is None for t in params["timeout_seconds"])
-        and all(r is None for r in params["run_at"])
-        and not any(params["delay"])
-        and not any(params["priority"])
-        and all(h == "{}" for h in params["headers"])
-    ):
-        rows = [
-            f"{job_id}\t{queue}\t{task}\t{args.replace(backslash, doubled)}"
-            for job_id, queue, task, args in zip(
-                ids, params["queue"], params["task"], params["args"], strict=True
-            )
-        ]
-        rows.append("")
-        return "copy_plain_jobs", "\n".join(rows)
-    null = "\\N"
-    now_text = db_now.isoformat()
-    columns = (
-        params["queue"],
-        params["task"],
-        params["args"],
-        params["headers"],
-        params["priority"],
-        params["run_at"],
-        params["delay"],
-        params["max_attempts"],
-        params["timeout_seconds"],
-    )
-    lines = []
-    for job_id, queue, task, args, headers, priority, run_at, delay, attempts, timeout in zip(
-        ids, *columns, strict=True
-    ):
-        if run_at is not None:
-            when = run_at.isoformat()
-        elif delay:
-            when = (db_now + timedelta(seconds=delay)).isoformat()
-        else:
-            when = now_text
-        fields = (
-            str(job_id),
-            queue,
-            task,
-            args.replace(backslash, doubled),
-            headers.replace(backslash, doubled),
-            str(priority),
-            when,
-            null if attempts is None else str(attempts),
-            null if timeout is None else repr(timeout),
-        )
-        lines.append("\t".join(fields))
-    lines.append("")
-    return "copy_jobs", "\n".join(lines)
-
-
 def _copy_outcome(row: Mapping[str, Any]) -> str:
     status: str = row["status"]
     if status.startswith("queue_full:"):
@@ -412,17 +323,26 @@ def enqueue_many(
     >>> pgqueue.enqueue_many(conn, [("send_receipt", {"order_id": i}) for i in range(10_000)])
     """
     _check_defaults(defaults)
-    built = build(jobs, defaults, schema, max_payload_bytes)
+    items = jobs if isinstance(jobs, list) else list(jobs)
+    target = db.sync_connection(conn)
+    queries = db.queries(resolve_schema(schema))
+    stream = _stream(items, defaults, max_payload_bytes)
+    if stream is not None:
+        with db.savepoint_sync(target):
+            row = db.run_sync(target, queries["prepare_bulk_enqueue"], stream.request())[0]
+            if _copy_outcome(row) == "copy":
+                name, chunks = stream.chunks(row["db_now"], row["ids"])
+                db.copy_sync(target, queries[name], chunks)
+                return list(row["ids"])
+    built = build(items, defaults, schema, max_payload_bytes)
     if built is None:
         return []
     query, params = built
-    target = db.sync_connection(conn)
-    if _copyable(params):
-        queries = db.queries(resolve_schema(schema))
-        row = db.run_sync(target, queries["prepare_bulk_enqueue"], _copy_request(params))[0]
+    if bulk.is_copyable(params):
+        row = db.run_sync(target, queries["prepare_bulk_enqueue"], _request(params))[0]
         if _copy_outcome(row) == "copy":
-            name, text = _copy_text(params, row["db_now"], row["ids"])
-            db.copy_sync(target, queries[name], text)
+            name, chunks = bulk.copy_text(params, row["db_now"], row["ids"])
+            db.copy_sync(target, queries[name], chunks)
             return list(row["ids"])
     return interpret(db.run_sync(target, query, params), on_duplicate)
 
@@ -438,21 +358,47 @@ async def enqueue_many_async(
 ) -> list[int]:
     """The async twin of :func:`enqueue_many`."""
     _check_defaults(defaults)
-    built = build(jobs, defaults, schema, max_payload_bytes)
+    items = jobs if isinstance(jobs, list) else list(jobs)
+    target = await db.async_connection(conn)
+    queries = db.queries(resolve_schema(schema))
+    stream = _stream(items, defaults, max_payload_bytes)
+    if stream is not None:
+        async with db.savepoint_async(target):
+            request = stream.request()
+            row = (await db.run_async(target, queries["prepare_bulk_enqueue"], request))[0]
+            if _copy_outcome(row) == "copy":
+                name, chunks = stream.chunks(row["db_now"], row["ids"])
+                await db.copy_async(target, queries[name], chunks)
+                return list(row["ids"])
+    built = build(items, defaults, schema, max_payload_bytes)
     if built is None:
         return []
     query, params = built
-    target = await db.async_connection(conn)
-    if _copyable(params):
-        queries = db.queries(resolve_schema(schema))
-        row = (await db.run_async(target, queries["prepare_bulk_enqueue"], _copy_request(params)))[
-            0
-        ]
+    if bulk.is_copyable(params):
+        row = (await db.run_async(target, queries["prepare_bulk_enqueue"], _request(params)))[0]
         if _copy_outcome(row) == "copy":
-            name, text = _copy_text(params, row["db_now"], row["ids"])
-            await db.copy_async(target, queries[name], text)
+            name, chunks = bulk.copy_text(params, row["db_now"], row["ids"])
+            await db.copy_async(target, queries[name], chunks)
             return list(row["ids"])
     return interpret(await db.run_async(target, query, params), on_duplicate)
+
+
+def _stream(
+    items: list[Any], defaults: Mapping[str, Any], max_payload_bytes: int
+) -> bulk.TupleStream | None:
+    """The streamed COPY of (task, args) tuples sharing the call's options, when it applies."""
+    if len(items) < bulk.COPY_THRESHOLD or not all(type(item) is tuple for item in items):
+        return None
+    first_task = items[0][0] if len(items[0]) == 2 else ""
+    try:
+        options = _row(JobSpec(task=first_task, args={}, **_defaults(defaults)), max_payload_bytes)
+    except (TypeError, ValueError):
+        return None  # the general path reports it, with the job's position
+    return bulk.TupleStream.of(items, options, max_payload_bytes)
+
+
+def _request(params: Mapping[str, list[Any]]) -> dict[str, Any]:
+    return bulk.prepare_request(params["queue"])
 
 
 def _check_defaults(defaults: Mapping[str, Any]) -> None:

@@ -376,6 +376,8 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     full_queue text;
+    -- Resolved once: as an argument of nextval it would be looked up again for every id.
+    id_sequence regclass := pg_get_serial_sequence('"{s}".jobs', 'id')::regclass;
 BEGIN
     IF NOT has_table_privilege('"{s}".jobs', 'INSERT') THEN
         RETURN QUERY SELECT 'no_copy'::text, now(), NULL::bigint[];
@@ -403,8 +405,7 @@ BEGIN
     FROM (SELECT DISTINCT u.queue FROM unnest(p_ready_queues) AS u(queue)) AS r;
     RETURN QUERY
     SELECT 'copy'::text, now(),
-           ARRAY(SELECT nextval(pg_get_serial_sequence('"{s}".jobs', 'id'))
-                 FROM generate_series(1, p_count));
+           ARRAY(SELECT nextval(id_sequence) FROM generate_series(1, p_count));
 END
 $$""",
         # One plain job (no ordering or unique key): the common producer call, in three

@@ -149,7 +149,7 @@ def test_run_at_must_be_aware_and_exclusive_with_delay(conn: psycopg.Connection[
         pgqueue.enqueue(conn, "t", run_at=datetime.now(timezone.utc), delay=5)
 
 
-def test_enqueue_many_is_one_statement_for_100k_jobs(dsn: str) -> None:
+def test_enqueue_many_of_100k_jobs_is_a_copy_and_three_statements(dsn: str) -> None:
     executed: list[str] = []
 
     class CountingCursor(psycopg.Cursor[Any]):
@@ -160,7 +160,8 @@ def test_enqueue_many_is_one_statement_for_100k_jobs(dsn: str) -> None:
     with psycopg.connect(dsn, cursor_factory=CountingCursor) as conn:
         ids = pgqueue.enqueue_many(conn, (("bulk", {"n": n}) for n in range(100_000)), queue="bulk")
         conn.commit()
-        assert len(executed) == 1
+        # A savepoint around one preparing call and the COPY, whatever the number of jobs.
+        assert len(executed) == 3 and executed[1].startswith("SELECT status, db_now, ids")
         assert len(ids) == 100_000 and ids == sorted(ids)
         first = conn.execute("SELECT args FROM pgqueue.jobs WHERE id = %s", (ids[0],)).fetchone()
         last = conn.execute("SELECT args FROM pgqueue.jobs WHERE id = %s", (ids[-1],)).fetchone()
@@ -292,3 +293,65 @@ async def test_bulk_copy_async_and_queue_full_keeps_the_transaction(dsn: str) ->
         await conn.commit()
         cursor = await conn.execute("SELECT count(*) FROM pgqueue.jobs")
         assert await cursor.fetchone() == (1201,)
+
+
+def test_a_bad_job_found_while_streaming_takes_back_the_whole_call(dsn: str) -> None:
+    good = [("t", {"i": i}) for i in range(5000)]
+    with psycopg.connect(dsn) as conn:
+        kept = pgqueue.enqueue(conn, "kept", {})
+        with pytest.raises(TypeError, match=r"jobs\[4321\]: .*a set"):
+            pgqueue.enqueue_many(conn, [*good[:4321], ("t", {"bad": {1}}), *good[4321:]])
+        with pytest.raises(PayloadTooLarge, match=r"jobs\[2500\]"):
+            pgqueue.enqueue_many(conn, [*good[:2500], ("t", {"blob": "x" * 300_000}), *good])
+        with pytest.raises(TypeError, match=r"jobs\[3000\]: each job must be a JobSpec"):
+            pgqueue.enqueue_many(conn, [*good[:3000], ("t", {}, "extra"), *good])
+        with pytest.raises(ValueError, match=r"jobs\[1200\]: invalid task name"):
+            pgqueue.enqueue_many(conn, [*good[:1200], ("rm -rf", {}), *good])
+        conn.commit()
+        assert conn.execute("SELECT array_agg(id) FROM pgqueue.jobs").fetchone() == ([kept],)
+
+
+async def test_a_bad_streamed_job_on_an_autocommit_connection_commits_nothing(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(TypeError, match=r"jobs\[1999\]: args of task 't' must be a mapping"):
+            await pgqueue.enqueue_many_async(conn, [("t", {})] * 1999 + [("t", [1])])
+        ids = await pgqueue.enqueue_many_async(conn, [("t", {"i": i}) for i in range(1500)])
+        cursor = await conn.execute("SELECT count(*), min(id), max(id) FROM pgqueue.jobs")
+        assert await cursor.fetchone() == (1500, ids[0], ids[-1])
+
+
+def test_streamed_jobs_share_the_call_options(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        ids = pgqueue.enqueue_many(
+            conn,
+            [("t", {"i": i}) for i in range(1500)],
+            queue="shared",
+            priority=5,
+            delay=30,
+            max_attempts=4,
+            timeout=1.5,
+            headers={"trace": "a\\b"},
+        )
+        conn.commit()
+        rows = conn.execute(
+            "SELECT id, queue, args, headers, priority, max_attempts, timeout_seconds, "
+            "extract(epoch FROM run_at - created_at) FROM pgqueue.jobs ORDER BY id"
+        ).fetchall()
+    assert [row[0] for row in rows] == ids and len(rows) == 1500
+    assert rows[1499][1:7] == ("shared", {"i": 1499}, {"trace": "a\\b"}, 5, 4, 1.5)
+    delays = sorted(float(row[7]) for row in rows)
+    assert delays[0] == pytest.approx(30, abs=0.001) and delays[-1] == delays[0]
+
+
+def test_streamed_jobs_follow_a_sqlalchemy_session(dsn: str) -> None:
+    engine = create_engine(_sa_url(dsn))
+    try:
+        with Session(engine) as session:
+            pgqueue.enqueue_many(session, [("t", {"i": i}) for i in range(1500)])
+            session.rollback()
+            ids = pgqueue.enqueue_many(session, [("t", {"i": i}) for i in range(1500)])
+            session.commit()
+            count = session.execute(text("SELECT count(*), min(id) FROM pgqueue.jobs")).one()
+        assert tuple(count) == (1500, ids[0])
+    finally:
+        engine.dispose()
