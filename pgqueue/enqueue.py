@@ -317,8 +317,10 @@ def enqueue_many(
     """Add many jobs in one round trip and return their ids in input order.
 
     ``defaults`` are the options of :func:`enqueue` (queue, priority, delay, ...) for every
-    job that does not set its own. Every job is validated before any SQL, so one bad item
-    enqueues nothing; plain jobs go in as one INSERT (100,000 rows: one statement).
+    job that does not set its own. One bad item enqueues nothing and leaves the caller's
+    transaction usable: jobs are validated before any SQL, except a large list of
+    ``(task, args)`` tuples, which is encoded while its COPY streams and taken back by a
+    savepoint when an item is bad. From 1,000 plain jobs on, the rows go in by one COPY.
 
     >>> pgqueue.enqueue_many(conn, [("send_receipt", {"order_id": i}) for i in range(10_000)])
     """
