@@ -18,7 +18,7 @@ from pgqueue.breaker import CircuitBreaker
 from pgqueue.config import resolve_schema
 from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
-from pgqueue.lifecycle import wind_down
+from pgqueue.lifecycle import freeze_startup_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.outbox import outbox_channel
@@ -45,6 +45,7 @@ class RelaySettings:
     breaker_failures: int = 5
     breaker_cooldown_seconds: float = 2.0
     metrics_port: int | None = None
+    freeze_heap: bool = True  # gc.freeze() once started: see lifecycle.freeze_startup_heap
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.batch_size < 1:
@@ -224,6 +225,8 @@ class Relay:
                 await sink.start()
                 started.append(sink)
                 self._sink_slots[sink.name] = asyncio.Semaphore(max(1, sink.max_in_flight))
+            if self.settings.freeze_heap:
+                freeze_startup_heap()
             heartbeat.start()
             background.append(asyncio.create_task(self._settle.run(), name="settle"))
             if self.settings.listen:

@@ -23,7 +23,7 @@ from pgqueue.config import resolve_schema
 from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
-from pgqueue.lifecycle import wind_down
+from pgqueue.lifecycle import freeze_startup_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
@@ -55,6 +55,7 @@ class WorkerSettings:
     batch_size: int | None = None  # default: concurrency
     run_periodic: bool = True  # enqueue the app's cron ticks (once per tick across workers)
     metrics_port: int | None = None  # serve Prometheus metrics on this port
+    freeze_heap: bool = True  # gc.freeze() once started: see lifecycle.freeze_startup_heap
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -188,6 +189,8 @@ class Worker:
             if self.metrics is not None and self.settings.metrics_port is not None:
                 self.metrics.serve(self.settings.metrics_port)
             await self.store.execute("register_queues", {"queues": self.queues})
+            if self.settings.freeze_heap:
+                freeze_startup_heap()
             heartbeat.start()
             background.append(asyncio.create_task(self._settle.run(), name="settle"))
             if self.settings.run_periodic and self.app.periodic_jobs:
