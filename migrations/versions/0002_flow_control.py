@@ -504,18 +504,20 @@ BEGIN
     UPDATE "{s}".jobs AS j
     SET state = 'running',
         attempts = j.attempts + 1,
+        -- An array lookup, not a subquery over unnest(): that ran once per claimed row.
         max_attempts = coalesce(
             j.max_attempts,
-            (SELECT d.m FROM unnest(p_task_names, p_task_max_attempts) AS d(t, m)
-             WHERE d.t = j.task),
+            p_task_max_attempts[array_position(p_task_names, j.task)],
             p_default_max_attempts),
         lease_token = lease,
         lease_expires_at = now() + make_interval(secs => p_lease_seconds),
         worker_id = p_worker,
         claimed_at = now(),
         heartbeat_at = now()
-    FROM candidates AS c
-    WHERE j.id = c.id
+    -- "= ANY(ARRAY(...))" keeps the update on primary-key lookups: as a join to
+    -- candidates, once the table has statistics, it was planned as a hash join over a
+    -- sequential scan of the whole table (27 ms instead of 17 ms per 1,000 jobs at 60,000).
+    WHERE j.id = ANY(ARRAY(SELECT c.id FROM candidates AS c))
     RETURNING j.*;
 
     IF q.rate_limit IS NOT NULL THEN

@@ -293,8 +293,9 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SET state = 'inflight', attempts = o.attempts + 1, lease_token = (SELECT gen_random_uuid()),
         lease_expires_at = now() + make_interval(secs => p_lease_seconds),
         relay_id = p_relay, claimed_at = now()
-    FROM candidates AS c
-    WHERE o.id = c.id
+    -- Primary-key lookups whatever the statistics say (a join could become a hash join
+    -- over a sequential scan of the table, as the job claim found).
+    WHERE o.id = ANY(ARRAY(SELECT c.id FROM candidates AS c))
     RETURNING o.*
 $$""",
         f"""
