@@ -28,7 +28,7 @@ from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
 from pgqueue.outcome import COMPLETE, RELEASE, Outcome, decide, format_error
-from pgqueue.payload import Undecodable
+from pgqueue.payload import Undecodable, loads_many
 from pgqueue.scheduler import Scheduler
 from pgqueue.store import JobStore, MaintenanceSession, Settlement, SettleQueue
 from pgqueue.threads import interrupt_thread
@@ -330,9 +330,11 @@ class Worker:
         """Start claimed jobs: one runner per job, or per batch for batch tasks."""
         batches: dict[str, list[Job]] = {}
         tasks = self.app.tasks
-        for row in rows:
-            # Column order of the claim_jobs query.
+        arguments = loads_many([row[3] for row in rows])
+        for row, args in zip(rows, arguments, strict=True):
+            # Column order of the claim_jobs query; args (text there) decoded above.
             job = Job(*row, _provider=self)  # type: ignore[misc]
+            job.args = args
             if job.headers is None:
                 job.headers = {}
             task = tasks.get(job.task)

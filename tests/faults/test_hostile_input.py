@@ -386,7 +386,7 @@ CORRUPTIONS = {
     "wrong type": ("chaos", '{"sleep": "soon"}', "{}", "max_attempts", "TypeError"),
     "headers an array": ("chaos", '{"n": 1}', "[1]", None, None),
 }
-# Valid jsonb that the worker's JSON decoder (orjson) cannot decode.
+# Valid jsonb that the worker's JSON decoder cannot decode.
 # jsonb keeps numbers like 1e400 exactly and Python's decoder returns them as exact ints,
 # so only nesting past the decoder's recursion limit is undecodable.
 UNDECODABLE = {

@@ -11,7 +11,7 @@ import pgqueue
 from pgqueue import names
 from pgqueue.errors import Cancel, NonRetryable, PayloadTooLarge, Retry, Snooze
 from pgqueue.outcome import MAX_ERROR_CHARS, decide, format_error
-from pgqueue.payload import encode
+from pgqueue.payload import Undecodable, encode, loads_many
 from pgqueue.retry import RetryPolicy
 
 
@@ -173,3 +173,17 @@ def test_status_marks_every_estimated_count() -> None:
     assert count_cells({**deep, "counts_estimated": True}) == ["2001+", "~0", "2001+", "~7000", "3"]
     exact = {"ready": 1500, "scheduled": 500, "running": 1, "waiting": 2500, "dead": 0}
     assert count_cells({**exact, "counts_estimated": True}) == ["1500", "500", "1", "~2500", "0"]
+
+
+def test_a_claimed_batch_decodes_at_once_and_a_bad_value_stays_on_its_row() -> None:
+    texts = ['{"i": 1}', "[]", '"text, with a comma"', "null", '{"x": [1, {"y": 2.5}]}']
+    assert loads_many(texts) == [{"i": 1}, [], "text, with a comma", None, {"x": [1, {"y": 2.5}]}]
+    deep = '{"n": ' + "[" * 5000 + "]" * 5000 + "}"
+    decoded = loads_many(['{"i": 1}', deep, '{"big": 1.0e400}', '{"i": 2}'])
+    assert decoded[0] == {"i": 1} and decoded[3] == {"i": 2}
+    assert isinstance(decoded[1], Undecodable) and "RecursionError" in decoded[1].error
+    assert isinstance(decoded[2], Undecodable) and "does not fit a float" in decoded[2].error
+    # Two values in one text would shift every later row: refused, row by row.
+    shifted = loads_many(["1, 2", "3"])
+    assert isinstance(shifted[0], Undecodable) and shifted[1] == 3
+    assert loads_many([]) == []
