@@ -68,7 +68,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         CheckConstraint("max_attempts IS NULL OR max_attempts > 0", name="jobs_max_attempts_check"),
         CheckConstraint("attempts >= 0", name="jobs_attempts_check"),
         CheckConstraint(
-            "state <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            "(state = 'running') = (lease_token IS NOT NULL)"
+            " AND (state <> 'running' OR lease_expires_at IS NOT NULL)",
             name="jobs_running_lease_check",
         ),
         Index(
@@ -223,7 +224,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         CheckConstraint("state IN ('pending', 'inflight', 'waiting')", name="outbox_state_check"),
         CheckConstraint("pg_column_size(payload) <= 262144", name="outbox_payload_size_check"),
         CheckConstraint(
-            "state <> 'inflight' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            "(state = 'inflight') = (lease_token IS NOT NULL)"
+            " AND (state <> 'inflight' OR lease_expires_at IS NOT NULL)",
             name="outbox_inflight_lease_check",
         ),
         Index("outbox_claim_idx", "available_at", "id", postgresql_where=text("state = 'pending'")),

@@ -58,7 +58,8 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("attempts >= 0", name="jobs_attempts_check"),
         sa.CheckConstraint(
-            "state <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            "(state = 'running') = (lease_token IS NOT NULL)"
+            " AND (state <> 'running' OR lease_expires_at IS NOT NULL)",
             name="jobs_running_lease_check",
         ),
         schema=s,

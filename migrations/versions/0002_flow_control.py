@@ -539,10 +539,14 @@ DECLARE
     key_names text[];
     k record;
 BEGIN
+    -- Found by primary key (id = ANY): a "state = 'running'" condition here let the planner,
+    -- with statistics taken while few jobs ran, scan the whole running-jobs index, which
+    -- grows with every deleted job until vacuum, so acks slowed as a long drain went on.
+    -- The token alone proves the lease: a check constraint ties tokens to running jobs.
     WITH done AS (
         DELETE FROM "{s}".jobs AS j
         USING unnest(p_ids, p_tokens) AS a(id, token)
-        WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
+        WHERE j.id = ANY(p_ids) AND j.id = a.id AND j.lease_token = a.token
         RETURNING j.id, j.queue, j.ordering_key
     ), counted AS (
         INSERT INTO "{s}".queue_throughput AS t (queue, minute, completed)
@@ -579,7 +583,7 @@ BEGIN
         DELETE FROM "{s}".jobs AS j
         USING unnest(p_ids, p_tokens, p_reasons, p_errors, p_block_keys)
             AS a(id, token, reason, error, block_key)
-        WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
+        WHERE j.id = ANY(p_ids) AND j.id = a.id AND j.lease_token = a.token
         RETURNING j.*, a.reason AS dead_reason, a.error AS dead_error,
                   (j.ordering_key IS NOT NULL AND a.block_key) AS dead_blocks
     ), moved AS (

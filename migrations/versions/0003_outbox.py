@@ -60,7 +60,8 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("pg_column_size(payload) <= 262144", name="outbox_payload_size_check"),
         sa.CheckConstraint(
-            "state <> 'inflight' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            "(state = 'inflight') = (lease_token IS NOT NULL)"
+            " AND (state <> 'inflight' OR lease_expires_at IS NOT NULL)",
             name="outbox_inflight_lease_check",
         ),
         schema=s,
@@ -312,7 +313,7 @@ BEGIN
     WITH done AS (
         DELETE FROM "{s}".outbox AS o
         USING unnest(p_ids, p_tokens, p_sinks) AS a(id, token, sink)
-        WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+        WHERE o.id = ANY(p_ids) AND o.id = a.id AND o.lease_token = a.token
         RETURNING o.*, a.sink AS delivered_by
     ), kept AS (
         INSERT INTO "{s}".outbox_delivered
@@ -348,7 +349,7 @@ BEGIN
         DELETE FROM "{s}".outbox AS o
         USING unnest(p_ids, p_tokens, p_reasons, p_errors, p_block_keys)
             AS a(id, token, reason, error, block_key)
-        WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+        WHERE o.id = ANY(p_ids) AND o.id = a.id AND o.lease_token = a.token
         RETURNING o.*, a.reason AS dead_reason, a.error AS dead_error,
                   (o.key IS NOT NULL AND a.block_key) AS dead_blocks
     ), moved AS (

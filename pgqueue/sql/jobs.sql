@@ -54,6 +54,7 @@ SELECT id FROM {schema}.complete_jobs(%(ids)b::bigint[], %(tokens)b::uuid[]) AS 
 
 -- name: retry_jobs
 -- Put held jobs back with a delay on the database clock; a snooze gives the attempt back.
+-- Held jobs are found by primary key and proven by their token (see complete_jobs).
 WITH retried AS (
     UPDATE {schema}.jobs AS j
     SET state = 'available',
@@ -63,7 +64,7 @@ WITH retried AS (
         lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, heartbeat_at = NULL
     FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[], %(delays)b::float8[],
                 %(errors)b::text[], %(snoozes)b::bool[]) AS a(id, token, delay, error, is_snooze)
-    WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
+    WHERE j.id = ANY(%(ids)b::bigint[]) AND j.id = a.id AND j.lease_token = a.token
     RETURNING j.id, j.queue, a.is_snooze
 ), counted AS (
     INSERT INTO {schema}.queue_throughput AS t (queue, minute, retried)
@@ -86,7 +87,7 @@ UPDATE {schema}.jobs AS j
 SET state = 'available', attempts = greatest(j.attempts - 1, 0),
     lease_token = NULL, lease_expires_at = NULL, worker_id = NULL, heartbeat_at = NULL
 FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
-WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
+WHERE j.id = ANY(%(ids)b::bigint[]) AND j.id = a.id AND j.lease_token = a.token
 RETURNING j.id
 
 -- name: heartbeat_jobs
@@ -94,7 +95,7 @@ RETURNING j.id
 UPDATE {schema}.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s), heartbeat_at = now()
 FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
-WHERE j.id = a.id AND j.lease_token = a.token AND j.state = 'running'
+WHERE j.id = ANY(%(ids)b::bigint[]) AND j.id = a.id AND j.lease_token = a.token
 RETURNING j.id
 
 -- name: complete_job_in_transaction

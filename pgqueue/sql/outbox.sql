@@ -27,7 +27,7 @@ SET state = 'pending',
     lease_token = NULL, lease_expires_at = NULL, relay_id = NULL
 FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[], %(delays)b::float8[],
             %(errors)b::text[], %(snoozes)b::bool[]) AS a(id, token, delay, error, is_snooze)
-WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+WHERE o.id = ANY(%(ids)b::bigint[]) AND o.id = a.id AND o.lease_token = a.token
 RETURNING o.id
 
 -- name: fail_messages
@@ -41,7 +41,7 @@ UPDATE {schema}.outbox AS o
 SET state = 'pending', attempts = greatest(o.attempts - 1, 0),
     lease_token = NULL, lease_expires_at = NULL, relay_id = NULL
 FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
-WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+WHERE o.id = ANY(%(ids)b::bigint[]) AND o.id = a.id AND o.lease_token = a.token
 RETURNING o.id
 
 -- name: heartbeat_messages
@@ -49,7 +49,7 @@ RETURNING o.id
 UPDATE {schema}.outbox AS o
 SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
 FROM unnest(%(ids)b::bigint[], %(tokens)b::uuid[]) AS a(id, token)
-WHERE o.id = a.id AND o.lease_token = a.token AND o.state = 'inflight'
+WHERE o.id = ANY(%(ids)b::bigint[]) AND o.id = a.id AND o.lease_token = a.token
 RETURNING o.id
 
 -- name: rescue_expired_messages
