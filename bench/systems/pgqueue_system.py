@@ -27,17 +27,20 @@ BATCH = tunable("pgqueue_batch", 1000)
 class PgQueueProducer:
     def __init__(self, dsn: str) -> None:
         self._conn = psycopg.connect(dsn)
+        # A job that is its own transaction: on an autocommit connection enqueue() is one
+        # statement and one round trip, as the peers' single-job enqueue is.
+        self._single = psycopg.connect(dsn, autocommit=True)
 
     async def enqueue_bulk(self, payloads: Sequence[Payload]) -> None:
         with self._conn.transaction():
             pgqueue.enqueue_many(self._conn, [("noop", p) for p in payloads], queue=QUEUE)
 
     async def enqueue_one(self, payload: Payload) -> None:
-        with self._conn.transaction():
-            pgqueue.enqueue(self._conn, "noop", payload, queue=QUEUE)
+        pgqueue.enqueue(self._single, "noop", payload, queue=QUEUE)
 
     async def aclose(self) -> None:
         self._conn.close()
+        self._single.close()
 
 
 class PgQueueSystem:
