@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from pgqueue.cron import CronSchedule
@@ -62,8 +63,9 @@ class Task(Generic[P, R]):
     schema: str | None = None
     call_options: EnqueueOptions = field(default_factory=EnqueueOptions)
 
-    @property
+    @cached_property
     def is_async(self) -> bool:
+        # Cached: asked once per job, and inspect's answer costs more than a no-op handler.
         return inspect.iscoroutinefunction(self.handler)
 
     def options(self, **options: Any) -> Task[P, R]:

@@ -759,8 +759,11 @@ class _Parameters:
         ]
         self.names = frozenset(p.name for p in named)
         self.required = frozenset(p.name for p in named if p.default is kinds.empty)
+        self.accepts_all = self.accepts_any and not self.required
 
     def mismatch(self, args: Any) -> str | None:
+        if self.accepts_all:
+            return None
         keys = args.keys()
         missing = self.required - keys
         if missing:

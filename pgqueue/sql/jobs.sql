@@ -40,9 +40,11 @@ COPY {schema}.jobs (id, queue, task, args, headers, priority, run_at, max_attemp
 -- Lease up to %(limit)s ready jobs of one queue in one round trip (pause, global
 -- concurrency and rate limits are enforced inside). The attempt is counted at claim.
 -- Empty headers come back as NULL: no jsonb to print and parse for most jobs. The args come
--- as text, for the worker to decode the whole batch in one parser call.
+-- as text, for the worker to decode the whole batch in one parser call; timestamps as
+-- epoch seconds (float8), turned into datetimes only when a handler reads them.
 SELECT id, queue, task, args::text, nullif(headers, '{{}}'), priority, attempts, max_attempts,
-       timeout_seconds, lease_token, ordering_key, created_at, run_at
+       timeout_seconds, lease_token, ordering_key, date_part('epoch', created_at),
+       date_part('epoch', run_at)
 FROM {schema}.claim_jobs(%(queue)s, %(limit)s, %(worker_id)s, %(lease_seconds)s,
                          %(task_names)b::text[], %(task_max_attempts)b::int[],
                          %(default_max_attempts)s)

@@ -187,3 +187,17 @@ def test_a_claimed_batch_decodes_at_once_and_a_bad_value_stays_on_its_row() -> N
     shifted = loads_many(["1, 2", "3"])
     assert isinstance(shifted[0], Undecodable) and shifted[1] == 3
     assert loads_many([]) == []
+
+
+def test_job_times_survive_the_epoch_float_of_the_claim() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from pgqueue.job import _from_epoch
+
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 25, 23, 59, 59, 999_000, tzinfo=timezone.utc)
+    for step in range(0, 200_000, 7):
+        stored = start + timedelta(microseconds=step)
+        # What date_part('epoch', ...) returns: the nearest float8 to the stored instant.
+        seconds = (stored - epoch) / timedelta(microseconds=1) / 1_000_000
+        assert _from_epoch(seconds) == stored
