@@ -313,10 +313,19 @@ async def async_connection(conn: Any) -> psycopg.AsyncConnection[Any]:
     )
 
 
-def run_sync(conn: psycopg.Connection[Any], query: Query, params: Mapping[str, Any]) -> list[Any]:
-    """Run one named query on a caller's connection and return its rows as dicts."""
+def run_sync(
+    conn: psycopg.Connection[Any],
+    query: Query,
+    params: Mapping[str, Any],
+    *,
+    binary: bool = False,
+) -> list[Any]:
+    """Run one named query on a caller's connection and return its rows as dicts.
+
+    ``binary`` asks for binary results: cheaper to load for large arrays (bulk ids).
+    """
     try:
-        with conn.cursor(row_factory=dict_row) as cursor:
+        with conn.cursor(row_factory=dict_row, binary=binary) as cursor:
             cursor.execute(query.text, params)  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description else []
     except psycopg.Error as exc:
@@ -324,11 +333,15 @@ def run_sync(conn: psycopg.Connection[Any], query: Query, params: Mapping[str, A
 
 
 async def run_async(
-    conn: psycopg.AsyncConnection[Any], query: Query, params: Mapping[str, Any]
+    conn: psycopg.AsyncConnection[Any],
+    query: Query,
+    params: Mapping[str, Any],
+    *,
+    binary: bool = False,
 ) -> list[Any]:
     """The async twin of :func:`run_sync`."""
     try:
-        async with conn.cursor(row_factory=dict_row) as cursor:
+        async with conn.cursor(row_factory=dict_row, binary=binary) as cursor:
             await cursor.execute(query.text, params)  # type: ignore[arg-type]
             return await cursor.fetchall() if cursor.description else []
     except psycopg.Error as exc:

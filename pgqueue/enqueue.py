@@ -331,7 +331,9 @@ def enqueue_many(
     stream = _stream(items, defaults, max_payload_bytes)
     if stream is not None:
         with db.savepoint_sync(target):
-            row = db.run_sync(target, queries["prepare_bulk_enqueue"], stream.request())[0]
+            row = db.run_sync(
+                target, queries["prepare_bulk_enqueue"], stream.request(), binary=True
+            )[0]
             if _copy_outcome(row) == "copy":
                 name, chunks = stream.chunks(row["db_now"], row["ids"])
                 db.copy_sync(target, queries[name], chunks)
@@ -341,7 +343,7 @@ def enqueue_many(
         return []
     query, params = built
     if bulk.is_copyable(params):
-        row = db.run_sync(target, queries["prepare_bulk_enqueue"], _request(params))[0]
+        row = db.run_sync(target, queries["prepare_bulk_enqueue"], _request(params), binary=True)[0]
         if _copy_outcome(row) == "copy":
             name, chunks = bulk.copy_text(params, row["db_now"], row["ids"])
             db.copy_sync(target, queries[name], chunks)
@@ -367,7 +369,9 @@ async def enqueue_many_async(
     if stream is not None:
         async with db.savepoint_async(target):
             request = stream.request()
-            row = (await db.run_async(target, queries["prepare_bulk_enqueue"], request))[0]
+            row = (
+                await db.run_async(target, queries["prepare_bulk_enqueue"], request, binary=True)
+            )[0]
             if _copy_outcome(row) == "copy":
                 name, chunks = stream.chunks(row["db_now"], row["ids"])
                 await db.copy_async(target, queries[name], chunks)
@@ -377,7 +381,8 @@ async def enqueue_many_async(
         return []
     query, params = built
     if bulk.is_copyable(params):
-        row = (await db.run_async(target, queries["prepare_bulk_enqueue"], _request(params)))[0]
+        request = _request(params)
+        row = (await db.run_async(target, queries["prepare_bulk_enqueue"], request, binary=True))[0]
         if _copy_outcome(row) == "copy":
             name, chunks = bulk.copy_text(params, row["db_now"], row["ids"])
             await db.copy_async(target, queries[name], chunks)
