@@ -58,7 +58,10 @@ def connect_kwargs(role: str) -> dict[str, Any]:
 
 _SESSION_SETUP = (
     "SELECT set_config('statement_timeout', %s, false),"
-    " set_config('idle_in_transaction_session_timeout', %s, false)"
+    " set_config('idle_in_transaction_session_timeout', %s, false),"
+    # Floats printed exactly whatever the role or database sets (claimed job times travel
+    # as epoch seconds).
+    " set_config('extra_float_digits', '3', false)"
 )
 
 
@@ -378,11 +381,11 @@ async def copy_async(
 @contextmanager
 def savepoint_sync(conn: psycopg.Connection[Any]) -> Iterator[None]:
     """Run the block so that an error inside undoes only the block's own writes."""
-    if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
-        with conn.transaction():
-            yield
-        return
     try:
+        if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+            with conn.transaction():
+                yield
+            return
         conn.execute("SAVEPOINT pgqueue_bulk")
         try:
             yield
@@ -398,11 +401,11 @@ def savepoint_sync(conn: psycopg.Connection[Any]) -> Iterator[None]:
 @asynccontextmanager
 async def savepoint_async(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
     """The async twin of :func:`savepoint_sync`."""
-    if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
-        async with conn.transaction():
-            yield
-        return
     try:
+        if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+            async with conn.transaction():
+                yield
+            return
         await conn.execute("SAVEPOINT pgqueue_bulk")
         try:
             yield

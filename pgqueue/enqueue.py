@@ -326,9 +326,11 @@ def enqueue_many(
     """
     _check_defaults(defaults)
     items = jobs if isinstance(jobs, list) else list(jobs)
+    if not items:
+        return []
+    stream = _stream(items, defaults, max_payload_bytes)
     target = db.sync_connection(conn)
     queries = db.queries(resolve_schema(schema))
-    stream = _stream(items, defaults, max_payload_bytes)
     if stream is not None:
         with db.savepoint_sync(target):
             row = db.run_sync(
@@ -342,7 +344,7 @@ def enqueue_many(
     if built is None:
         return []
     query, params = built
-    if bulk.is_copyable(params):
+    if stream is None and bulk.is_copyable(params):
         row = db.run_sync(target, queries["prepare_bulk_enqueue"], _request(params), binary=True)[0]
         if _copy_outcome(row) == "copy":
             name, chunks = bulk.copy_text(params, row["db_now"], row["ids"])
@@ -363,9 +365,11 @@ async def enqueue_many_async(
     """The async twin of :func:`enqueue_many`."""
     _check_defaults(defaults)
     items = jobs if isinstance(jobs, list) else list(jobs)
+    if not items:
+        return []
+    stream = _stream(items, defaults, max_payload_bytes)
     target = await db.async_connection(conn)
     queries = db.queries(resolve_schema(schema))
-    stream = _stream(items, defaults, max_payload_bytes)
     if stream is not None:
         async with db.savepoint_async(target):
             request = stream.request()
@@ -380,7 +384,7 @@ async def enqueue_many_async(
     if built is None:
         return []
     query, params = built
-    if bulk.is_copyable(params):
+    if stream is None and bulk.is_copyable(params):
         request = _request(params)
         row = (await db.run_async(target, queries["prepare_bulk_enqueue"], request, binary=True))[0]
         if _copy_outcome(row) == "copy":

@@ -13,16 +13,27 @@ from uuid import UUID
 log = logging.getLogger("pgqueue")
 
 
-def freeze_startup_heap() -> None:
+def freeze_startup_heap() -> bool:
     """Exempt the objects alive at start-up (modules, the app, its imports) from the cyclic GC.
 
     A drain allocates a few container objects per job, so the collector runs often, and each
     of its oldest-generation passes re-scanned everything the process had imported: about
     2 us per no-op job, a fifth of the worker's CPU (``bench/cpu_split.py``). Objects made
-    later are collected as usual; start-up objects live for the whole process anyway.
+    later are collected as usual. Returns whether it froze: not when something in the process
+    (a pre-fork server, another worker) froze first, whose freeze is left alone.
     """
+    if gc.get_freeze_count():
+        return False
     gc.collect()
     gc.freeze()
+    return True
+
+
+def thaw_heap(frozen: bool) -> None:
+    """Undo :func:`freeze_startup_heap` when the worker or relay stops: a process that starts
+    and stops workers must not keep their cyclic garbage forever."""
+    if frozen:
+        gc.unfreeze()
 
 
 class _Stoppable(Protocol):

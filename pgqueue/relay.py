@@ -18,7 +18,7 @@ from pgqueue.breaker import CircuitBreaker
 from pgqueue.config import resolve_schema
 from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
-from pgqueue.lifecycle import freeze_startup_heap, wind_down
+from pgqueue.lifecycle import freeze_startup_heap, thaw_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.outbox import outbox_channel
@@ -217,6 +217,7 @@ class Relay:
         )
         background: list[asyncio.Task[Any]] = []
         started: list[Sink] = []
+        frozen = False
         try:
             if self.metrics is not None and self.settings.metrics_port is not None:
                 self.metrics.serve(self.settings.metrics_port)
@@ -225,8 +226,7 @@ class Relay:
                 await sink.start()
                 started.append(sink)
                 self._sink_slots[sink.name] = asyncio.Semaphore(max(1, sink.max_in_flight))
-            if self.settings.freeze_heap:
-                freeze_startup_heap()
+            frozen = self.settings.freeze_heap and freeze_startup_heap()
             heartbeat.start()
             background.append(asyncio.create_task(self._settle.run(), name="settle"))
             if self.settings.listen:
@@ -264,6 +264,7 @@ class Relay:
                 except Exception as exc:
                     log.warning("closing sink %s failed: %s", sink.name, exc)
             await self.store.close()
+            thaw_heap(frozen)
             log.info("relay %s stopped: %s", self.id, self.stats)
         return self.exit_code
 

@@ -23,7 +23,7 @@ from pgqueue.config import resolve_schema
 from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
-from pgqueue.lifecycle import freeze_startup_heap, wind_down
+from pgqueue.lifecycle import freeze_startup_heap, thaw_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
@@ -185,12 +185,12 @@ class Worker:
             rescue_interval=self.settings.rescue_seconds or self.lease_seconds / 2,
         )
         background: list[asyncio.Task[Any]] = []
+        frozen = False
         try:
             if self.metrics is not None and self.settings.metrics_port is not None:
                 self.metrics.serve(self.settings.metrics_port)
             await self.store.execute("register_queues", {"queues": self.queues})
-            if self.settings.freeze_heap:
-                freeze_startup_heap()
+            frozen = self.settings.freeze_heap and freeze_startup_heap()
             heartbeat.start()
             background.append(asyncio.create_task(self._settle.run(), name="settle"))
             if self.settings.run_periodic and self.app.periodic_jobs:
@@ -232,6 +232,7 @@ class Worker:
             await self.store.close()
             await self._close_pools()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            thaw_heap(frozen)
             log.info("worker %s stopped: %s", self.id, self.stats)
         return self.exit_code
 

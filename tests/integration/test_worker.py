@@ -353,3 +353,29 @@ def test_worker_registers_itself_and_leaves_cleanly(dsn: str) -> None:
         assert any(name.startswith("pgqueue-worker@") for name in names)
     assert scalar(dsn, "SELECT count(*) FROM pgqueue.workers") == 0
     assert scalar(dsn, "SELECT count(*) FROM pgqueue.queues WHERE name = 'email'") == 1
+
+
+def test_a_running_worker_freezes_the_start_up_heap_and_thaws_it_when_it_stops(dsn: str) -> None:
+    import gc
+
+    app = pgqueue.App()
+    seen: list[int] = []
+
+    @app.task(queue="heap")
+    def record(job: pgqueue.Job) -> None:
+        seen.append(gc.get_freeze_count())
+
+    assert gc.get_freeze_count() == 0
+    enqueue(dsn, "record", {}, queue="heap")
+    with running_worker(app, dsn, queues=["heap"]):
+        wait_until(lambda: seen)
+    assert seen[0] > 0  # the imports and the app were out of the collector's reach
+    assert gc.get_freeze_count() == 0  # and back in it once the worker stopped
+    gc.freeze()
+    try:  # a freeze made by someone else (a pre-fork server) is left alone
+        enqueue(dsn, "record", {}, queue="heap")
+        with running_worker(app, dsn, queues=["heap"]):
+            wait_until(lambda: len(seen) == 2)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
