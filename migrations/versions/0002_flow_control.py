@@ -421,7 +421,6 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     depth int;
     run timestamptz := coalesce(p_run_at, now() + make_interval(secs => p_delay));
-    new_id bigint;
 BEGIN
     SELECT q.max_depth INTO depth FROM "{s}".queues AS q WHERE q.name = p_queue;
     IF NOT FOUND THEN
@@ -438,11 +437,13 @@ BEGIN
     INSERT INTO "{s}".jobs (queue, task, args, headers, priority, run_at, max_attempts,
                             timeout_seconds)
     VALUES (p_queue, p_task, p_args, p_headers, p_priority, run, p_max_attempts, p_timeout)
-    RETURNING id INTO new_id;
+    RETURNING id INTO job_id;
     IF run <= now() THEN
         PERFORM pg_notify('pgqueue_' || left(md5('{s}.' || p_queue), 24), '');
     END IF;
-    RETURN QUERY SELECT new_id, 'inserted'::text;
+    -- The row is returned by assignment: a RETURN QUERY would start one more executor.
+    status := 'inserted';
+    RETURN NEXT;
 END
 $$""",
         # Claim up to p_limit ready jobs of one queue, honouring pause, the global
