@@ -832,6 +832,33 @@ def test_callable_sink_calls_sync_and_async_functions_and_retries_failures(dsn: 
     assert "relay" not in threads, "a sync callable runs on a worker thread, not the loop"
 
 
+def test_a_sink_that_never_answers_times_out_on_its_route_and_the_relay_goes_on(dsn: str) -> None:
+    calls: list[int] = []
+
+    async def hangs(message: Message) -> None:
+        calls.append(message.attempt)
+        if message.payload.get("hang"):
+            await asyncio.sleep(60)
+
+    app = App()
+    app.route("slow.*", CallableSink("slow", hangs), retry=FAST_RETRY, max_attempts=2, timeout=0.3)
+    with psycopg.connect(dsn) as conn:
+        stuck = pgqueue.publish(conn, "slow.x", {"hang": True}, key="k1")
+        fine = [pgqueue.publish(conn, "slow.x", {"n": n}, key="k2") for n in range(3)]
+    with relay_running(app, dsn):
+        # Well under the 60 s the sink would hang: each attempt was cut at 0.3 s.
+        wait_until(lambda: outbox_is_drained(dsn), 15, "the hanging message to be given up")
+    [dead] = query(
+        dsn, "SELECT message_id::text, reason, attempts, last_error FROM pgqueue.outbox_dead"
+    )
+    assert dead["message_id"] == stuck and dead["reason"] == "max_attempts"
+    assert dead["attempts"] == 2
+    assert "did not answer within the route's timeout of 0.3s" in dead["last_error"]
+    delivered = query(dsn, "SELECT message_id::text FROM pgqueue.outbox_delivered")
+    assert sorted(d["message_id"] for d in delivered) == sorted(fine)
+    assert calls.count(1) == 4 and calls.count(2) == 1  # the stuck one was tried twice
+
+
 # ------------------------------------------------------------------ bad input
 
 
