@@ -26,6 +26,7 @@ from pgqueue.outcome import RELEASE, Outcome, format_error
 from pgqueue.payload import Undecodable
 from pgqueue.sinks import DeliveryError, Message, Sink
 from pgqueue.store import MaintenanceSession, MessageStore, Settlement, SettleQueue
+from pgqueue.timeouts import DeadlineWatch, watch_resolution
 
 log = logging.getLogger("pgqueue.relay")
 
@@ -70,14 +71,6 @@ class _InFlight:
     token: uuid.UUID
     route: Route | None
     task: asyncio.Task[None] | None = None
-    # Loop time by which the sink must have answered (None while not delivering); past it,
-    # the deadline watch cancels the delivery and marks it timed out.
-    deadline: float | None = None
-    is_timed_out: bool = False
-
-
-class RouteTimeout(Exception):
-    """A sink did not answer within its route's ``timeout_seconds``."""
 
 
 class Relay:
@@ -120,6 +113,10 @@ class Relay:
         }
         self.metrics = Metrics() if self.settings.metrics_port is not None else None
         self._in_flight: dict[int, _InFlight] = {}
+        # Route timeouts: one scan for all deliveries rather than a timer each.
+        self._deadlines = DeadlineWatch(
+            watch_resolution(min(route.timeout_seconds for route in app.routes))
+        )
         self._sink_slots: dict[str, asyncio.Semaphore] = {}
         self._settle = SettleQueue(self.store, self._count, what="delivery")
         self._stopping = False
@@ -236,7 +233,7 @@ class Relay:
             frozen = self.settings.freeze_heap and freeze_startup_heap()
             heartbeat.start()
             background.append(asyncio.create_task(self._settle.run(), name="settle"))
-            background.append(asyncio.create_task(self._watch_deadlines(), name="deadlines"))
+            background.append(asyncio.create_task(self._deadlines.run(), name="deadlines"))
             if self.settings.listen:
                 listener = Listener(
                     self.dsn, [outbox_channel(self.schema)], self._wake.set, role="relay-listen"
@@ -395,23 +392,15 @@ class Relay:
             if not allowed:
                 # The destination is failing: hold the message back without using an attempt.
                 return Outcome("snooze", delay_seconds=wait, error=f"circuit open for sink {name}")
-            assert self._loop is not None
-            flight.deadline = self._loop.time() + route.timeout_seconds
+            timeout = route.timeout_seconds
             try:
-                await route.sink.deliver(message)
-            except asyncio.CancelledError:
-                if not flight.is_timed_out or self._stopping:
-                    raise
-                _uncancel()
-                exc: BaseException = RouteTimeout(
-                    f"sink {name!r} did not answer within the route's timeout of "
-                    f"{route.timeout_seconds:g}s"
-                )
-                return self._fail_delivery(message, route, breaker, exc, is_probe)
+                async with self._deadlines.limit(
+                    timeout,
+                    f"sink {name!r} did not answer within its route's timeout of {timeout:g}s",
+                ):
+                    await route.sink.deliver(message)
             except Exception as exc:
                 return self._fail_delivery(message, route, breaker, exc, is_probe)
-            finally:
-                flight.deadline = None
         if breaker.record_success(is_probe=is_probe):
             log.info("sink %s answers again: circuit closed", name)
         if self.metrics is not None:
@@ -429,26 +418,6 @@ class Relay:
         if self.metrics is not None:
             self.metrics.delivery_failed.labels(route.sink.name).inc()
         return self._failed(message, route, breaker, exc, is_probe)
-
-    async def _watch_deadlines(self) -> None:
-        """Cancel deliveries past their route's timeout.
-
-        One periodic scan instead of a timer per delivery: on a relay doing thousands of
-        deliveries a second, arming and cancelling a timer each time cost more than the
-        scan (a deadline fires at most a twentieth of the shortest timeout late).
-        """
-        assert self._loop is not None
-        shortest = min(route.timeout_seconds for route in self.app.routes)
-        interval = min(0.5, max(0.01, shortest / 20))
-        while True:
-            await asyncio.sleep(interval)
-            now = self._loop.time()
-            for flight in list(self._in_flight.values()):
-                deadline = flight.deadline
-                if deadline is not None and now > deadline and not flight.is_timed_out:
-                    flight.is_timed_out = True
-                    if flight.task is not None:
-                        flight.task.cancel()
 
     def _failed(
         self,
@@ -534,10 +503,3 @@ class Relay:
                 self.stats.retried += 1
             elif kind == "fail":
                 self.stats.failed += 1
-
-
-def _uncancel() -> None:
-    """Clear the cancellation the deadline watch made, so later awaits of the task behave."""
-    task = asyncio.current_task()
-    if task is not None and hasattr(task, "uncancel"):
-        task.uncancel()

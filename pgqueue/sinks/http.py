@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pgqueue.payload import wire_json
 from pgqueue.sinks import MESSAGE_ID_HEADER, DeliveryError, Message
 from pgqueue.sinks.http_client import ConnectionPool, TransportError
-from pgqueue.timeouts import within
+from pgqueue.timeouts import DeadlineWatch, watch_resolution
 
 TOPIC_HEADER = "Pgqueue-Topic"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -100,6 +100,9 @@ class WebhookSink:
         self._target = _redacted(self._url)
         self._client: ConnectionPool | None = None
         self._slots: asyncio.Semaphore | None = None
+        # The request timeout, for every request at once (see DeadlineWatch).
+        self._deadlines = DeadlineWatch(watch_resolution(self.timeout_seconds))
+        self._watch: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"WebhookSink(name={self.name!r}, url={self._target!r})"
@@ -109,9 +112,13 @@ class WebhookSink:
             return
         self._client = ConnectionPool(self._url, max_connections=self.max_in_flight)
         self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._watch = asyncio.create_task(self._deadlines.run(), name=f"sink {self.name} deadlines")
 
     async def close(self) -> None:
         client, self._client, self._slots = self._client, None, None
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
         if client is not None:
             client.close()
 
@@ -132,9 +139,8 @@ class WebhookSink:
                 # Signed after the wait for a slot, so the timestamp is fresh when sent.
                 headers[self.signature_header] = sign(self._secret, body)
             try:
-                status, response_headers, excerpt = await within(
-                    self._send(client, headers, body), self.timeout_seconds
-                )
+                async with self._deadlines.limit(self.timeout_seconds):
+                    status, response_headers, excerpt = await self._send(client, headers, body)
             except asyncio.TimeoutError:
                 raise DeliveryError(
                     f"webhook {self.name!r}: {self.method} {self._target} timed out after "

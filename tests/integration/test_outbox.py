@@ -853,7 +853,7 @@ def test_a_sink_that_never_answers_times_out_on_its_route_and_the_relay_goes_on(
     )
     assert dead["message_id"] == stuck and dead["reason"] == "max_attempts"
     assert dead["attempts"] == 2
-    assert "did not answer within the route's timeout of 0.3s" in dead["last_error"]
+    assert "did not answer within its route's timeout of 0.3s" in dead["last_error"]
     delivered = query(dsn, "SELECT message_id::text FROM pgqueue.outbox_delivered")
     assert sorted(d["message_id"] for d in delivered) == sorted(fine)
     assert calls.count(1) == 4 and calls.count(2) == 1  # the stuck one was tried twice
