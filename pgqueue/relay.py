@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -113,6 +114,10 @@ class Relay:
         }
         self.metrics = Metrics() if self.settings.metrics_port is not None else None
         self._in_flight: dict[int, _InFlight] = {}
+        self._ready: deque[_InFlight] = deque()
+        self._lanes: set[asyncio.Task[None]] = set()
+        self._idle_lanes: list[asyncio.Future[None]] = []
+        self._waking = 0
         # Route timeouts: one scan for all deliveries rather than a timer each.
         self._deadlines = DeadlineWatch(
             watch_resolution(min(route.timeout_seconds for route in app.routes))
@@ -262,7 +267,9 @@ class Relay:
             self.exit_code = 3 if isinstance(exc, SchemaNotReady) else 1
         finally:
             self._stopping = True
-            await wind_down(background, heartbeat, self.store, self.id)
+            for waiter in self._idle_lanes:
+                waiter.cancel()
+            await wind_down([*background, *self._lanes], heartbeat, self.store, self.id)
             for sink in started:
                 try:
                     await sink.close()
@@ -274,6 +281,11 @@ class Relay:
         return self.exit_code
 
     async def _drain(self) -> None:
+        # Claimed but not started (waiting for a lane): back at once, never attempted.
+        while self._ready:
+            waiting = self._ready.popleft()
+            self._in_flight.pop(waiting.message.sequence, None)
+            self._record(waiting, RELEASE)
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds
         while self._in_flight and time.monotonic() < deadline:
             assert self._capacity is not None
@@ -287,6 +299,8 @@ class Relay:
             if flight.task is not None:
                 flight.task.cancel()
         self._in_flight.clear()
+        for waiter in self._idle_lanes:
+            waiter.cancel()
         await self._settle.flush(final=True)
 
     # ------------------------------------------------------------ claiming and delivering
@@ -343,7 +357,47 @@ class Relay:
         flight = _InFlight(message, row["lease_token"], self.app.route_for(message.topic))
         self.leases[message.sequence] = flight.token
         self._in_flight[message.sequence] = flight
-        flight.task = asyncio.create_task(self._deliver(flight))
+        self._ready.append(flight)
+        if not self._waking:
+            self._wake_lane()
+
+    # Deliveries run on long-lived lanes, as jobs do in the worker: a lane that takes a
+    # message while more wait wakes one more lane first, so deliveries that wait on the
+    # network fan out up to `concurrency` lanes without a new task per message.
+
+    def _wake_lane(self) -> None:
+        while self._idle_lanes:
+            waiter = self._idle_lanes.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking += 1
+                return
+        if len(self._lanes) < self.settings.concurrency:
+            lane = asyncio.create_task(self._lane(), name="delivery lane")
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
+            self._waking += 1
+
+    async def _lane(self) -> None:
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        self._waking -= 1
+        while not self._stopping:
+            if self._ready:
+                flight = self._ready.popleft()
+                if self._ready and not self._waking:
+                    self._wake_lane()
+                flight.task = me
+                await self._deliver(flight)
+                flight.task = None
+                continue
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._idle_lanes.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                return
+            self._waking -= 1
 
     async def _deliver(self, flight: _InFlight) -> None:
         message = flight.message
