@@ -58,8 +58,10 @@ def _receiver_main(port: int, counter: Any, keys_file: str) -> None:
         async with server:
             while True:
                 await asyncio.sleep(0.2)
-                with open(keys_file, "w") as out:
+                # Written aside and renamed: the reader must never see half a file.
+                with open(keys_file + ".part", "w") as out:
                     json.dump(seen, out)
+                os.replace(keys_file + ".part", keys_file)
 
     asyncio.run(main())
 

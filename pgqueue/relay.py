@@ -358,12 +358,14 @@ class Relay:
         self.leases[message.sequence] = flight.token
         self._in_flight[message.sequence] = flight
         self._ready.append(flight)
-        if not self._waking:
+        if self._waking < len(self._ready):
             self._wake_lane()
 
-    # Deliveries run on long-lived lanes, as jobs do in the worker: a lane that takes a
-    # message while more wait wakes one more lane first, so deliveries that wait on the
-    # network fan out up to `concurrency` lanes without a new task per message.
+    # Deliveries run on long-lived lanes rather than a new task per message. Unlike the
+    # worker's lanes (which fan out only as handlers wait), every claimed message wakes a
+    # lane at once: a delivery always waits on the network, and a claimed batch must reach
+    # its sinks together, as it did with a task each (a breaker then sees one wave of
+    # answers, not a trickle).
 
     def _wake_lane(self) -> None:
         while self._idle_lanes:
@@ -385,7 +387,7 @@ class Relay:
         while not self._stopping:
             if self._ready:
                 flight = self._ready.popleft()
-                if self._ready and not self._waking:
+                if self._waking < len(self._ready):
                     self._wake_lane()
                 flight.task = me
                 await self._deliver(flight)
