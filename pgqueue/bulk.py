@@ -95,6 +95,22 @@ def copy_text(
     return ("copy_plain_jobs" if plain else "copy_jobs"), iter(("\n".join(lines),))
 
 
+def encode_plain(task: str, args: Any, known_tasks: set[str], max_payload_bytes: int) -> str:
+    """The JSON text of one ``(task, args)`` job's arguments, after checking both.
+
+    ``known_tasks`` caches the task names already checked in this call.
+    """
+    if task not in known_tasks:
+        task_name(task)
+        known_tasks.add(task)
+    if not isinstance(args, Mapping):
+        raise TypeError(
+            f"args of task {task!r} must be a mapping of keyword arguments, "
+            f"got {type(args).__name__}"
+        )
+    return encode(args, what="args", max_bytes=max_payload_bytes)
+
+
 class TupleStream:
     """(task, args) tuples sharing one set of options, encoded chunk by chunk during the COPY.
 
@@ -152,15 +168,7 @@ class TupleStream:
                     if len(item) != 2:
                         raise TypeError("each job must be a JobSpec or a (task, args) tuple")
                     task, args = item
-                    if task not in known:
-                        task_name(task)
-                        known.add(task)
-                    if not isinstance(args, Mapping):
-                        raise TypeError(
-                            f"args of task {task!r} must be a mapping of keyword arguments, "
-                            f"got {type(args).__name__}"
-                        )
-                    text = encode(args, what="args", max_bytes=limit)
+                    text = encode_plain(task, args, known, limit)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"jobs[{index}]: {exc}") from None
                 part.append(

@@ -135,16 +135,8 @@ def build(
                     template = _row(
                         JobSpec(task=task, args={}, **_defaults(defaults)), max_payload_bytes
                     )
-                if task not in known_tasks:
-                    task_name(task)
-                    known_tasks.add(task)
-                if not isinstance(args, Mapping):
-                    raise TypeError(
-                        f"args of task {task!r} must be a mapping of keyword arguments, "
-                        f"got {type(args).__name__}"
-                    )
+                args_column.append(bulk.encode_plain(task, args, known_tasks, max_payload_bytes))
                 task_column.append(task)
-                args_column.append(encode(args, what="args", max_bytes=max_payload_bytes))
                 for name, values in others:
                     values.append(template[name])
                 continue
@@ -398,9 +390,11 @@ def _stream(
     items: list[Any], defaults: Mapping[str, Any], max_payload_bytes: int
 ) -> bulk.TupleStream | None:
     """The streamed COPY of (task, args) tuples sharing the call's options, when it applies."""
-    if len(items) < bulk.COPY_THRESHOLD or not all(type(item) is tuple for item in items):
+    # TupleStream.of checks every item; here only what building the options needs.
+    first = items[0]
+    if len(items) < bulk.COPY_THRESHOLD or type(first) is not tuple or len(first) != 2:
         return None
-    first_task = items[0][0] if len(items[0]) == 2 else ""
+    first_task = first[0]
     try:
         options = _row(JobSpec(task=first_task, args={}, **_defaults(defaults)), max_payload_bytes)
     except (TypeError, ValueError):

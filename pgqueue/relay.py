@@ -456,24 +456,12 @@ class Relay:
                 ):
                     await route.sink.deliver(message)
             except Exception as exc:
-                return self._fail_delivery(message, route, breaker, exc, is_probe)
+                return self._failed(message, route, breaker, exc, is_probe)
         if breaker.record_success(is_probe=is_probe):
             log.info("sink %s answers again: circuit closed", name)
         if self.metrics is not None:
             self.metrics.delivered.labels(name).inc()
         return Outcome("complete")
-
-    def _fail_delivery(
-        self,
-        message: Message,
-        route: Route,
-        breaker: CircuitBreaker,
-        exc: BaseException,
-        is_probe: bool,
-    ) -> Outcome:
-        if self.metrics is not None:
-            self.metrics.delivery_failed.labels(route.sink.name).inc()
-        return self._failed(message, route, breaker, exc, is_probe)
 
     def _failed(
         self,
@@ -483,6 +471,8 @@ class Relay:
         exc: BaseException,
         is_probe: bool,
     ) -> Outcome:
+        if self.metrics is not None:
+            self.metrics.delivery_failed.labels(route.sink.name).inc()
         if isinstance(exc, DeliveryError) and exc.is_permanent:
             breaker.record_success(is_probe=is_probe)  # the destination answered; it is up
         elif breaker.record_failure(is_probe=is_probe):
