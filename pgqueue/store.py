@@ -14,6 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgqueue import db
+from pgqueue.claims import ClaimHint
 from pgqueue.errors import DatabaseError
 from pgqueue.outcome import Outcome
 
@@ -179,8 +180,12 @@ class JobStore:
         lease_seconds: float,
         task_max_attempts: Mapping[str, int],
         default_max_attempts: int,
+        hint: ClaimHint | None = None,
     ) -> list[tuple[Any, ...]]:
-        """Claimed rows as tuples in ``claim_jobs`` column order (the hot path: no dicts)."""
+        """Claimed rows as tuples in ``claim_jobs`` column order (the hot path: no dicts).
+
+        ``hint`` is where this worker's last full batch of ``queue`` ended (see ClaimHints).
+        """
         params = {
             "queue": queue,
             "limit": limit,
@@ -189,6 +194,9 @@ class JobStore:
             "task_names": list(task_max_attempts),
             "task_max_attempts": list(task_max_attempts.values()),
             "default_max_attempts": default_max_attempts,
+            "hint_priority": None if hint is None else hint.priority,
+            "hint_epoch": None if hint is None else hint.run_epoch,
+            "hint_id": None if hint is None else hint.id,
         }
         conn = await self._claimer.get()
         try:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pgqueue import db
 from pgqueue.app import DEFAULT_MAX_ATTEMPTS, App, Task
+from pgqueue.claims import ClaimHints
 from pgqueue.config import resolve_schema
 from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
@@ -122,6 +123,8 @@ class Worker:
         self._waking = 0
         batch = self.settings.batch_size or self.settings.concurrency
         self._least = max(1, min(batch, self.settings.concurrency) // 4)
+        # A job that becomes ready behind a hint waits no longer than the poll would.
+        self._claim_hints = ClaimHints(self.settings.poll_seconds)
         self._stopping = False
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -301,7 +304,9 @@ class Worker:
                         lease_seconds=self.settings.lease_seconds,
                         task_max_attempts=self._task_max_attempts,
                         default_max_attempts=DEFAULT_MAX_ATTEMPTS,
+                        hint=self._claim_hints.get(queue),
                     )
+                    self._claim_hints.record(queue, rows, limit)
                     failures = 0
                     self._dispatch(rows)
                     claimed_any = claimed_any or bool(rows)

@@ -41,13 +41,15 @@ COPY {schema}.jobs (id, queue, task, args, headers, priority, run_at, max_attemp
 -- concurrency and rate limits are enforced inside). The attempt is counted at claim.
 -- Empty headers come back as NULL: no jsonb to print and parse for most jobs. The args come
 -- as text, for the worker to decode the whole batch in one parser call; timestamps as
--- epoch seconds (float8), turned into datetimes only when a handler reads them.
+-- epoch seconds (float8), turned into datetimes only when a handler reads them. The hint
+-- (NULL for a scan from the start) is where the caller's last full batch ended.
 SELECT id, queue, task, args::text, nullif(headers, '{{}}'), priority, attempts, max_attempts,
        timeout_seconds, lease_token, ordering_key, date_part('epoch', created_at),
        date_part('epoch', run_at)
 FROM {schema}.claim_jobs(%(queue)s, %(limit)s, %(worker_id)s, %(lease_seconds)s,
                          %(task_names)b::text[], %(task_max_attempts)b::int[],
-                         %(default_max_attempts)s)
+                         %(default_max_attempts)s, %(hint_priority)s::int,
+                         %(hint_epoch)s::float8, %(hint_id)s::bigint)
 
 -- name: complete_jobs
 -- Delete the jobs this worker still holds (fenced by lease token), count them, and hand

@@ -1,0 +1,151 @@
+"""Hinted claims against real PostgreSQL: where a claim starts, and what it must still find.
+
+A worker passes the position where its last full batch ended (pgqueue/claims.py); the
+claim looks at higher priorities and at what lies past that position, and scans from the
+start when that comes up short.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+import pgqueue
+from pgqueue import db
+from pgqueue.claims import ClaimHint, ClaimHints
+
+CLAIM = db.queries("pgqueue")["claim_jobs"].text
+ACK = db.queries("pgqueue")["complete_jobs"].text
+
+
+def claim(
+    conn: psycopg.Connection[Any], limit: int, hint: ClaimHint | None
+) -> list[tuple[Any, ...]]:
+    params = {
+        "queue": "q",
+        "limit": limit,
+        "worker_id": uuid.uuid4(),
+        "lease_seconds": 30.0,
+        "task_names": ["t"],
+        "task_max_attempts": [3],
+        "default_max_attempts": 3,
+        "hint_priority": None if hint is None else hint.priority,
+        "hint_epoch": None if hint is None else hint.run_epoch,
+        "hint_id": None if hint is None else hint.id,
+    }
+    return conn.execute(CLAIM, params).fetchall()  # type: ignore[arg-type]
+
+
+def ack(conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]) -> None:
+    done = conn.execute(ACK, {"ids": [r[0] for r in rows], "tokens": [r[9] for r in rows]})
+    assert len(done.fetchall()) == len(rows)
+
+
+def ids(rows: list[tuple[Any, ...]]) -> set[int]:
+    return {row[0] for row in rows}
+
+
+def test_a_hinted_claim_takes_higher_priorities_and_what_follows_the_hint(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        first = [pgqueue.enqueue(conn, "t", {"n": n}, queue="q") for n in range(10)]
+        taken = claim(conn, 5, None)
+        assert ids(taken) == set(first[:5])
+        hints = ClaimHints(60.0)
+        hints.get("q")
+        hints.record("q", taken, 5)
+        hint = hints.get("q")
+        assert hint is not None and hint.id == first[4]
+
+        # Ready behind the hint: due earlier than every job claimed so far.
+        behind = pgqueue.enqueue(
+            conn, "t", {}, queue="q", run_at=datetime.now(UTC) - timedelta(hours=1)
+        )
+        urgent = pgqueue.enqueue(conn, "t", {}, queue="q", priority=5)
+
+        # A full hinted claim: the urgent job and the next four; the one behind waits.
+        full = claim(conn, 5, hint)
+        assert ids(full) == {urgent, *first[5:9]}
+        hints.record("q", full, 5)
+        hint = hints.get("q")
+        assert hint is not None and hint.id == first[8]
+
+        # Past the hint only one job is left, so the claim scans from the start as well.
+        short = claim(conn, 5, hint)
+        assert ids(short) == {first[9], behind}
+        assert claim(conn, 5, None) == []
+
+
+def test_a_job_behind_the_hint_is_found_by_the_next_unhinted_claim(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        first = [pgqueue.enqueue(conn, "t", {}, queue="q") for _ in range(6)]
+        taken = claim(conn, 2, None)
+        # Given back as a shutdown does: it keeps its place, now behind the hint.
+        conn.execute(
+            "UPDATE pgqueue.jobs SET state = 'available', lease_token = NULL,"
+            " lease_expires_at = NULL WHERE id = %s",
+            (first[0],),
+        )
+        clock = [0.0]
+        hints = ClaimHints(1.0, clock=lambda: clock[0])
+        assert hints.get("q") is None
+        hints.record("q", taken, 2)
+        hint = hints.get("q")
+        assert hint is not None
+        assert ids(claim(conn, 2, hint)) == set(first[2:4])
+        clock[0] = 1.5
+        assert hints.get("q") is None
+        assert ids(claim(conn, 2, None)) == {first[0], first[4]}
+
+
+def _index_blocks(conn: psycopg.Connection[Any], hint: ClaimHint | None) -> int:
+    """Index pages read by the claim's scans of jobs_claim_idx (auto_explain, rolled back)."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diagnostic: notices.append(diagnostic.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    with conn.transaction(force_rollback=True):
+        for setting, value in (
+            ("auto_explain.log_min_duration", "0"),
+            ("auto_explain.log_nested_statements", "on"),
+            ("auto_explain.log_analyze", "on"),
+            ("auto_explain.log_buffers", "on"),
+            ("auto_explain.log_format", "json"),
+            ("auto_explain.log_level", "notice"),
+        ):
+            conn.execute("SELECT set_config(%s, %s, true)", (setting, value))
+        assert len(claim(conn, 1000, hint)) == 1000
+    blocks = 0
+    for notice in notices:
+        if "FOR UPDATE SKIP LOCKED" not in notice:
+            continue
+        document = json.loads(notice[notice.index("{") :])
+        stack = [document["Plan"]]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.get("Plans", []))
+            if node.get("Index Name") == "jobs_claim_idx":
+                blocks += node["Shared Hit Blocks"] + node["Shared Read Blocks"]
+    assert notices, "auto_explain showed nothing"
+    return blocks
+
+
+def test_a_hinted_claim_does_not_step_over_what_the_drain_left_behind(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            pgqueue.enqueue_many(conn, [("t", {"n": n}) for n in range(40_000)], queue="q")
+        hints = ClaimHints(3600.0)
+        for _ in range(30):
+            rows = claim(conn, 1000, hints.get("q"))
+            hints.record("q", rows, 1000)
+            ack(conn, rows)
+        hint = hints.get("q")
+        assert hint is not None
+        # The 30,000 claimed jobs left their entries in the claim index (no vacuum ran):
+        # a claim from the start of the queue reads past them, a hinted one does not.
+        from_start = _index_blocks(conn, None)
+        hinted = _index_blocks(conn, hint)
+        assert from_start > 100
+        assert hinted * 5 < from_start, (hinted, from_start)
