@@ -11,6 +11,8 @@ a web request would. Three variants run interleaved in one database, each for ``
 - insert + NOTIFY: the same with a payload-free ``pg_notify`` (what wakes pgqueue's
   workers): PostgreSQL serializes the commits of notifying transactions;
 - enqueue: ``pgqueue.enqueue(conn, "noop", {...}, queue="bench")`` in the transaction;
+- enqueue, scheduled: the same with ``delay=3600``. A job that is not due sends no NOTIFY,
+  so this is what enqueue costs without the serialized commits;
 - enqueue + business row: the INSERT and the enqueue in the same transaction (what an
   application does), for reference.
 
@@ -60,6 +62,10 @@ def _enqueue(conn: psycopg.Connection[Any], n: int) -> None:
     pgqueue.enqueue(conn, "noop", {"i": n}, queue="bench")
 
 
+def _enqueue_scheduled(conn: psycopg.Connection[Any], n: int) -> None:
+    pgqueue.enqueue(conn, "noop", {"i": n}, queue="bench", delay=3600)
+
+
 def _both(conn: psycopg.Connection[Any], n: int) -> None:
     _insert(conn, n)
     _enqueue(conn, n)
@@ -69,6 +75,7 @@ VARIANTS: dict[str, Callable[[psycopg.Connection[Any], int], None]] = {
     "insert": _insert,
     "insert + NOTIFY": _insert_notify,
     "enqueue": _enqueue,
+    "enqueue, scheduled": _enqueue_scheduled,
     "enqueue + business row": _both,
 }
 
@@ -134,6 +141,8 @@ def main() -> None:
         )
     ratio = statistics.median(rates["enqueue"]) / statistics.median(rates["insert"])
     print(f"ratio enqueue/insert={ratio:.2f}")
+    ratio = statistics.median(rates["enqueue, scheduled"]) / statistics.median(rates["insert"])
+    print(f"ratio scheduled enqueue (no NOTIFY)/insert={ratio:.2f}")
 
 
 if __name__ == "__main__":
