@@ -151,8 +151,6 @@ def build(
                 merged["run_at"], merged["delay"] = item.run_at, item.delay
             row = _row(JobSpec(task=item.task, args=item.args, **merged), max_payload_bytes)
         except (TypeError, ValueError) as exc:
-            if isinstance(jobs, _Single):
-                raise
             raise type(exc)(f"jobs[{index}]: {exc}") from None
         for name, values in columns.items():
             values.append(row[name])
@@ -164,10 +162,6 @@ def build(
 
 def _defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
     return {name: defaults.get(name) for name in _OPTIONS}
-
-
-class _Single(list[JobSpec]):
-    """Marks a one-job call, whose errors need no ``jobs[0]:`` prefix."""
 
 
 def interpret(rows: Sequence[Mapping[str, Any]], on_duplicate: OnDuplicate) -> list[int]:
@@ -197,22 +191,25 @@ def _copy_outcome(row: Mapping[str, Any]) -> str:
     return status
 
 
-def _one(task: str, args: Mapping[str, Any] | None, options: Mapping[str, Any]) -> _Single:
-    return _Single([JobSpec(task=task, args=args if args is not None else {}, **options)])
-
-
 def _single(
-    job: _Single, schema: str | None, max_payload_bytes: int
+    task: str,
+    args: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+    schema: str | None,
+    max_payload_bytes: int,
 ) -> tuple[db.Query, dict[str, Any]]:
-    """The query of a one-job call: a plain job takes the short ``enqueue_job`` path."""
-    built = build(job, {}, schema, max_payload_bytes)
-    assert built is not None
-    columns = built[1]
-    if columns["ordering_key"][0] is not None or columns["unique_key"][0] is not None:
-        return built
-    params = {name: values[0] for name, values in columns.items()}
-    del params["ordering_key"], params["unique_key"]
-    return db.queries(resolve_schema(schema))["enqueue_job"], params
+    """The query of a one-job call: a plain job takes the short ``enqueue_job`` path.
+
+    Built straight from the one row (no per-column lists): this runs once per producer
+    transaction, and its Python cost is paid on the caller's request path.
+    """
+    spec = JobSpec(task=task, args=args if args is not None else {}, **options)
+    row = _row(spec, max_payload_bytes)
+    queries = db.queries(resolve_schema(schema))
+    if row["ordering_key"] is None and row["unique_key"] is None:
+        del row["ordering_key"], row["unique_key"]
+        return queries["enqueue_job"], row
+    return queries["enqueue_jobs"], {name: [row[name]] for name in _COLUMNS}
 
 
 def enqueue(
@@ -258,7 +255,7 @@ def enqueue(
         "ordering_key": ordering_key,
         "unique_key": unique_key,
     }
-    built = _single(_one(task, args, options), schema, max_payload_bytes)
+    built = _single(task, args, options, schema, max_payload_bytes)
     return interpret(db.run_sync(db.sync_connection(conn), *built), on_duplicate)[0]
 
 
@@ -292,7 +289,7 @@ async def enqueue_async(
         "ordering_key": ordering_key,
         "unique_key": unique_key,
     }
-    built = _single(_one(task, args, options), schema, max_payload_bytes)
+    built = _single(task, args, options, schema, max_payload_bytes)
     rows = await db.run_async(await db.async_connection(conn), *built)
     return interpret(rows, on_duplicate)[0]
 
