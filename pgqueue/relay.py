@@ -9,7 +9,6 @@ import signal
 import socket
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,6 +18,7 @@ from pgqueue.breaker import CircuitBreaker
 from pgqueue.config import resolve_schema
 from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
+from pgqueue.lanes import Lanes
 from pgqueue.lifecycle import freeze_startup_heap, thaw_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
@@ -114,10 +114,9 @@ class Relay:
         }
         self.metrics = Metrics() if self.settings.metrics_port is not None else None
         self._in_flight: dict[int, _InFlight] = {}
-        self._ready: deque[_InFlight] = deque()
-        self._lanes: set[asyncio.Task[None]] = set()
-        self._idle_lanes: list[asyncio.Future[None]] = []
-        self._waking = 0
+        self._lanes: Lanes[_InFlight] = Lanes(
+            self._run_on_lane, self.settings.concurrency, fan_out="all", name="delivery lane"
+        )
         # Route timeouts: one scan for all deliveries rather than a timer each.
         self._deadlines = DeadlineWatch(
             watch_resolution(min(route.timeout_seconds for route in app.routes))
@@ -249,6 +248,7 @@ class Relay:
             stop = asyncio.create_task(self._stop_event.wait())
             await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
             self._stopping = True
+            self._lanes.close()
             self._wake.set()
             self._capacity.set()
             self.store.stop_retrying()
@@ -267,9 +267,8 @@ class Relay:
             self.exit_code = 3 if isinstance(exc, SchemaNotReady) else 1
         finally:
             self._stopping = True
-            for waiter in self._idle_lanes:
-                waiter.cancel()
-            await wind_down([*background, *self._lanes], heartbeat, self.store, self.id)
+            self._lanes.close()
+            await wind_down([*background, *self._lanes.tasks], heartbeat, self.store, self.id)
             for sink in started:
                 try:
                     await sink.close()
@@ -282,8 +281,7 @@ class Relay:
 
     async def _drain(self) -> None:
         # Claimed but not started (waiting for a lane): back at once, never attempted.
-        while self._ready:
-            waiting = self._ready.popleft()
+        for waiting in self._lanes.take_waiting():
             self._in_flight.pop(waiting.message.sequence, None)
             self._record(waiting, RELEASE)
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds
@@ -299,8 +297,6 @@ class Relay:
             if flight.task is not None:
                 flight.task.cancel()
         self._in_flight.clear()
-        for waiter in self._idle_lanes:
-            waiter.cancel()
         await self._settle.flush(final=True)
 
     # ------------------------------------------------------------ claiming and delivering
@@ -357,49 +353,12 @@ class Relay:
         flight = _InFlight(message, row["lease_token"], self.app.route_for(message.topic))
         self.leases[message.sequence] = flight.token
         self._in_flight[message.sequence] = flight
-        self._ready.append(flight)
-        if self._waking < len(self._ready):
-            self._wake_lane()
+        self._lanes.push(flight)
 
-    # Deliveries run on long-lived lanes rather than a new task per message. Unlike the
-    # worker's lanes (which fan out only as handlers wait), every claimed message wakes a
-    # lane at once: a delivery always waits on the network, and a claimed batch must reach
-    # its sinks together, as it did with a task each (a breaker then sees one wave of
-    # answers, not a trickle).
-
-    def _wake_lane(self) -> None:
-        while self._idle_lanes:
-            waiter = self._idle_lanes.pop()
-            if not waiter.done():
-                waiter.set_result(None)
-                self._waking += 1
-                return
-        if len(self._lanes) < self.settings.concurrency:
-            lane = asyncio.create_task(self._lane(), name="delivery lane")
-            self._lanes.add(lane)
-            lane.add_done_callback(self._lanes.discard)
-            self._waking += 1
-
-    async def _lane(self) -> None:
-        loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
-        self._waking -= 1
-        while not self._stopping:
-            if self._ready:
-                flight = self._ready.popleft()
-                if self._waking < len(self._ready):
-                    self._wake_lane()
-                flight.task = me
-                await self._deliver(flight)
-                flight.task = None
-                continue
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._idle_lanes.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                return
-            self._waking -= 1
+    async def _run_on_lane(self, flight: _InFlight, lane: asyncio.Task[None]) -> None:
+        flight.task = lane
+        await self._deliver(flight)
+        flight.task = None
 
     async def _deliver(self, flight: _InFlight) -> None:
         message = flight.message

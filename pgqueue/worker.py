@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,6 +23,7 @@ from pgqueue.config import resolve_schema
 from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
+from pgqueue.lanes import Lanes
 from pgqueue.lifecycle import freeze_startup_heap, thaw_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
@@ -117,10 +117,9 @@ class Worker:
         self.lost: set[int] = set()
         self._labels: dict[int, tuple[str, str]] = {}
         self._settle = SettleQueue(self.store, self._count, what="job")
-        self._ready: deque[_Running] = deque()
-        self._idle_lanes: list[asyncio.Future[None]] = []
-        self._lanes: set[asyncio.Task[None]] = set()
-        self._waking = 0
+        self._lanes: Lanes[_Running] = Lanes(
+            self._run_on_lane, self.settings.concurrency, fan_out="on_wait", name="lane"
+        )
         batch = self.settings.batch_size or self.settings.concurrency
         self._least = max(1, min(batch, self.settings.concurrency) // 4)
         # A job that becomes ready behind a hint waits no longer than the poll would.
@@ -213,6 +212,7 @@ class Worker:
             stop = asyncio.create_task(self._stop_event.wait())
             await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
             self._stopping = True
+            self._lanes.close()
             self._wake.set()
             self._capacity.set()
             self.store.stop_retrying()
@@ -231,7 +231,8 @@ class Worker:
             self.exit_code = 3
         finally:
             self._stopping = True
-            await wind_down([*background, *self._lanes], heartbeat, self.store, self.id)
+            self._lanes.close()
+            await wind_down([*background, *self._lanes.tasks], heartbeat, self.store, self.id)
             await self.store.close()
             await self._close_pools()
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -242,8 +243,7 @@ class Worker:
     async def _drain(self) -> None:
         """Let in-flight jobs finish within the grace period, then release the rest."""
         # Claimed but not started: give them back at once, they never began.
-        while self._ready:
-            waiting = self._ready.popleft()
+        for waiting in self._lanes.take_waiting():
             self._running.pop(waiting.job.id, None)
             self._record(waiting.job, RELEASE)
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds
@@ -261,8 +261,6 @@ class Worker:
             if running.task is not None:
                 running.task.cancel()
             self._running.pop(job.id, None)
-        for waiter in self._idle_lanes:
-            waiter.cancel()
         await self._settle.flush(final=True)
 
     # ------------------------------------------------------------ claiming
@@ -360,9 +358,7 @@ class Worker:
         self.leases[job.id] = job.lease_token
         running = _Running(job)
         self._running[job.id] = running
-        self._ready.append(running)
-        if not self._waking:
-            self._wake_lane()
+        self._lanes.push(running)
 
     def _slot_freed(self) -> None:
         # Wake the claim loop only when a claim is worth it (or for shutdown's drain).
@@ -370,46 +366,10 @@ class Worker:
             assert self._capacity is not None
             self._capacity.set()
 
-    # Jobs run on long-lived "lanes" rather than one new task per job: a lane that takes a
-    # job while more are waiting wakes one more lane first, so handlers that block on I/O
-    # fan out to up to `concurrency` lanes, while handlers that finish without waiting are
-    # run back to back by one lane, without creating and scheduling a task for each.
-
-    def _wake_lane(self) -> None:
-        while self._idle_lanes:
-            waiter = self._idle_lanes.pop()
-            if not waiter.done():
-                waiter.set_result(None)
-                self._waking += 1
-                return
-        if len(self._lanes) < self.settings.concurrency:
-            lane = asyncio.create_task(self._lane(), name="lane")
-            self._lanes.add(lane)
-            lane.add_done_callback(self._lanes.discard)
-            self._waking += 1
-
-    async def _lane(self) -> None:
-        loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
-        self._waking -= 1
-        while True:
-            if self._ready:
-                running = self._ready.popleft()
-                if self._ready and not self._waking:
-                    self._wake_lane()
-                running.task = me
-                await self._execute(running)
-                running.task = None
-                continue
-            if self._stopping:
-                return
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._idle_lanes.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                return
-            self._waking -= 1
+    async def _run_on_lane(self, running: _Running, lane: asyncio.Task[None]) -> None:
+        running.task = lane
+        await self._execute(running)
+        running.task = None
 
     def _start_batch(self, jobs: list[Job]) -> None:
         self.stats.claimed += len(jobs)
