@@ -60,7 +60,7 @@ def main() -> None:
                 params["hint_id"] = None if hint is None else hint.id
                 began = time.perf_counter()
                 rows = conn.execute(queries["claim_jobs"].text, params, prepare=True).fetchall()  # type: ignore[arg-type]
-                hints.record("bench", rows, BATCH)
+                hints.record("bench", rows, BATCH, hint)
                 claimed = time.perf_counter()
                 ack = {"ids": [row[0] for row in rows], "tokens": [row[9] for row in rows]}
                 conn.execute(queries["complete_jobs"].text, ack, prepare=True).fetchall()  # type: ignore[arg-type]

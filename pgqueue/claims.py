@@ -28,7 +28,9 @@ class ClaimHints:
     A hint only pays while a backlog drains, so it is kept after a claim that came back
     full and dropped after one that came back short (that claim scanned from the start and
     found everything there was). At least every ``full_scan_seconds`` a claim goes without
-    one, so a job that became ready behind the hint waits at most about that long.
+    one, so a job that became ready behind the hint waits at most about that long. A caller
+    that knows it just made a job ready behind its hint (the next job of an ordering key,
+    promoted when its head was settled, keeps its place) calls :meth:`forget`.
 
     >>> hints = ClaimHints()
     >>> hints.get("email") is None
@@ -44,19 +46,41 @@ class ClaimHints:
         self._clock = clock
         self._hints: dict[str, ClaimHint] = {}
         self._full_scan_due: dict[str, float] = {}
+        # Queues forgotten while a claim of theirs was under way: its result must not
+        # bring the hint back.
+        self._forgotten: set[str] = set()
 
     def get(self, queue: str) -> ClaimHint | None:
         """The hint for the next claim of ``queue``, or None for a scan from the start."""
-        now = self._clock()
+        self._forgotten.discard(queue)
         hint = self._hints.get(queue)
-        if hint is not None and now < self._full_scan_due.get(queue, 0.0):
+        if hint is not None and self._clock() < self._full_scan_due.get(queue, 0.0):
             return hint
-        self._full_scan_due[queue] = now + self._full_scan_seconds
         return None
 
-    def record(self, queue: str, rows: Sequence[Sequence[Any]], limit: int) -> None:
-        """Remember where a claim of ``limit`` jobs that returned ``rows`` ended."""
-        if len(rows) < limit or not rows or self._full_scan_seconds == 0:
+    def forget(self, queue: str) -> None:
+        """Make the next claim of ``queue`` scan from the start (even one already begun
+        that ends after this call: its :meth:`record` leaves no hint)."""
+        self._hints.pop(queue, None)
+        self._forgotten.add(queue)
+
+    def record(
+        self,
+        queue: str,
+        rows: Sequence[Sequence[Any]],
+        limit: int,
+        hint: ClaimHint | None,
+    ) -> None:
+        """Remember where a claim of ``limit`` jobs, sent with ``hint``, ended with ``rows``."""
+        if hint is None:
+            # Counted from a claim that completed: one that failed scanned nothing.
+            self._full_scan_due[queue] = self._clock() + self._full_scan_seconds
+        if (
+            len(rows) < limit
+            or not rows
+            or self._full_scan_seconds == 0
+            or queue in self._forgotten
+        ):
             self._hints.pop(queue, None)
             return
         # The rows come back in no particular order; the last in claim order is the one

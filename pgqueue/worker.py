@@ -122,8 +122,12 @@ class Worker:
         )
         batch = self.settings.batch_size or self.settings.concurrency
         self._least = max(1, min(batch, self.settings.concurrency) // 4)
-        # A job that becomes ready behind a hint waits no longer than the poll would.
-        self._claim_hints = ClaimHints(self.settings.poll_seconds)
+        # A job that becomes ready behind a hint waits no longer than the poll would, and
+        # never more than a second: a long poll is for when LISTEN carries the wake-ups.
+        self._claim_hints = ClaimHints(min(self.settings.poll_seconds, 1.0))
+        # Settling a keyed job promotes the next job of its key, which keeps its place in
+        # the claim order (behind any hint): the queue's next claim must scan from the start.
+        self._keyed_settling: dict[int, str] = {}
         self._stopping = False
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -295,6 +299,7 @@ class Worker:
                 rotation = (rotation + 1) % len(self.queues)
                 for queue in order:
                     limit = min(free, batch_size)
+                    hint = self._claim_hints.get(queue)
                     rows = await self.store.claim(
                         queue,
                         limit,
@@ -302,9 +307,9 @@ class Worker:
                         lease_seconds=self.settings.lease_seconds,
                         task_max_attempts=self._task_max_attempts,
                         default_max_attempts=DEFAULT_MAX_ATTEMPTS,
-                        hint=self._claim_hints.get(queue),
+                        hint=hint,
                     )
-                    self._claim_hints.record(queue, rows, limit)
+                    self._claim_hints.record(queue, rows, limit, hint)
                     failures = 0
                     self._dispatch(rows)
                     claimed_any = claimed_any or bool(rows)
@@ -491,6 +496,8 @@ class Worker:
         self._slot_freed()
         if job.is_acknowledged:
             self.leases.pop(job.id, None)
+            if job.ordering_key is not None:
+                self._claim_hints.forget(job.queue)  # its key moved on in that transaction
             if outcome.kind != "complete":
                 log.warning(
                     "job %d (%s) failed after job.transaction() committed; it stays completed",
@@ -584,6 +591,8 @@ class Worker:
             task = self.app.tasks.get(job.task)
             outcome = replace(outcome, blocks_key=task.dead_blocks_key if task else True)
         self._settle.pending.add(job.id, job.lease_token, outcome)
+        if job.ordering_key is not None:
+            self._keyed_settling[job.id] = job.queue
         if self.metrics is not None:
             self._labels[job.id] = (job.queue, job.task)
         if outcome.kind == "fail":
@@ -611,6 +620,9 @@ class Worker:
 
     def _count(self, batch: Settlement, written: set[int]) -> None:
         for job_id, token, outcome in _entries(batch):
+            keyed_queue = self._keyed_settling.pop(job_id, None)
+            if keyed_queue is not None:
+                self._claim_hints.forget(keyed_queue)
             # Only this lease: a retried job may already be claimed again (a new token) by
             # this worker, and that lease must stay under the heartbeat.
             if self.leases.get(job_id) == token:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from psycopg import sql
 from sqlalchemy import create_engine, pool
 
 import pgqueue
@@ -108,3 +110,57 @@ def test_host_application_env_can_run_pgqueue_revisions(empty_dsn: str) -> None:
         migrate.upgrade_connection(connection, schema="pgqueue")
     engine.dispose()
     assert migrate.current(empty_dsn) == migrate.head_revision()
+
+
+def test_the_claim_hints_revision_keeps_who_may_claim_both_ways(empty_dsn: str) -> None:
+    """0005 replaces claim_jobs (new parameters): the roles that could run it still can."""
+    from alembic import command
+
+    role = f"t{uuid.uuid4().hex[:8]}_claimer"
+    old = "pgqueue.claim_jobs(text, int, uuid, float8, text[], int[], int)"
+    new = "pgqueue.claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)"
+
+    def migrate_to(revision: str, downgrade: bool = False) -> None:
+        engine = _engine(empty_dsn)
+        try:
+            with engine.connect() as connection:
+                config = migrate._config("pgqueue")
+                config.attributes["connection"] = connection
+                (command.downgrade if downgrade else command.upgrade)(config, revision)
+                connection.commit()
+        finally:
+            engine.dispose()
+
+    def may_execute(signature: str) -> bool | None:
+        with psycopg.connect(empty_dsn) as conn:
+            if conn.execute("SELECT to_regprocedure(%s)", (signature,)).fetchone() == (None,):
+                return None  # no such function
+            row = conn.execute(
+                "SELECT has_function_privilege(%s, %s, 'EXECUTE')", (role, signature)
+            ).fetchone()
+            return None if row is None else bool(row[0])
+
+    migrate_to("0004_operations")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgqueue TO {}").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(old), sql.Identifier(role))
+        )
+    try:
+        assert may_execute(old) is True
+        migrate.upgrade(empty_dsn)
+        assert migrate.current(empty_dsn) == migrate.head_revision() == "0005_claim_hints"
+        assert may_execute(old) is None and may_execute(new) is True
+        with psycopg.connect(empty_dsn) as conn:
+            # PUBLIC may not run it (0004 revoked functions from PUBLIC; this one too).
+            row = conn.execute(
+                "SELECT has_function_privilege('public', %s, 'EXECUTE')", (new,)
+            ).fetchone()
+            assert row == (False,)
+        migrate_to("0004_operations", downgrade=True)
+        assert may_execute(new) is None and may_execute(old) is True
+    finally:
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
