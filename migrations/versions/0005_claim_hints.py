@@ -43,30 +43,34 @@ def _schema() -> str:
 
 
 def _replace(s: str, old: str, new: str, create: str) -> None:
-    """Drop function ``old``, run ``create`` (function ``new``), keep who may execute it."""
+    """Drop function ``old``, run ``create`` (function ``new``), keep who may execute it.
+
+    One DO block: the grantees live in a variable, not a temporary table, which would need
+    the TEMPORARY privilege and leave temporary schemas behind in the catalogue.
+    """
     op.execute(
         sa.text(
-            "CREATE TEMPORARY TABLE pgqueue_claim_grants AS "
-            "SELECT a.grantee::regrole::text AS grantee "
-            "FROM pg_proc AS p, aclexplode(p.proacl) AS a "
-            f"WHERE p.oid = to_regprocedure('\"{s}\".{old}') "
-            "AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner"
+            f"""
+DO $migrate$
+DECLARE
+    grantees text[];
+BEGIN
+    SELECT coalesce(array_agg(a.grantee::regrole::text), '{{}}') INTO grantees
+    FROM pg_proc AS p, aclexplode(p.proacl) AS a
+    WHERE p.oid = to_regprocedure('"{s}".{old}')
+      AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner;
+    DROP FUNCTION IF EXISTS "{s}".{old};
+    -- A database migrated from a development snapshot may already have the other form.
+    DROP FUNCTION IF EXISTS "{s}".{new};
+    EXECUTE $create${create}$create$;
+    REVOKE ALL ON FUNCTION "{s}".{new} FROM PUBLIC;
+    FOR i IN 1 .. cardinality(grantees) LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION "{s}".{new} TO %s', grantees[i]);
+    END LOOP;
+END
+$migrate$"""
         )
     )
-    op.execute(sa.text(f'DROP FUNCTION IF EXISTS "{s}".{old}'))
-    # A database migrated from a development snapshot may already have the other form.
-    op.execute(sa.text(f'DROP FUNCTION IF EXISTS "{s}".{new}'))
-    op.execute(sa.text(create))
-    op.execute(sa.text(f'REVOKE ALL ON FUNCTION "{s}".{new} FROM PUBLIC'))
-    op.execute(
-        sa.text(
-            "DO $grants$ DECLARE r record; BEGIN "
-            "FOR r IN SELECT grantee FROM pgqueue_claim_grants LOOP "
-            f"EXECUTE format('GRANT EXECUTE ON FUNCTION \"{s}\".{new} TO %s', r.grantee); "
-            "END LOOP; END $grants$"
-        )
-    )
-    op.execute(sa.text("DROP TABLE pgqueue_claim_grants"))
 
 
 def upgrade() -> None:
