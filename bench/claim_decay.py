@@ -21,7 +21,7 @@ from server import PostgresServer
 
 import pgqueue
 from pgqueue import db, migrate
-from pgqueue.claims import ClaimHints
+from pgqueue.claims import ClaimHints, hint_params
 
 BATCH = 1000
 
@@ -55,9 +55,7 @@ def main() -> None:
             acks: list[float] = []
             for _ in range(args.jobs // BATCH):
                 hint = hints.get("bench")
-                params["hint_priority"] = None if hint is None else hint.priority
-                params["hint_epoch"] = None if hint is None else hint.run_epoch
-                params["hint_id"] = None if hint is None else hint.id
+                params.update(hint_params(hint))
                 began = time.perf_counter()
                 rows = conn.execute(queries["claim_jobs"].text, params, prepare=True).fetchall()  # type: ignore[arg-type]
                 hints.record("bench", rows, BATCH, hint)

@@ -18,6 +18,13 @@ class ClaimHint(NamedTuple):
     id: int
 
 
+def hint_params(hint: ClaimHint | None) -> dict[str, Any]:
+    """The claim_jobs query's hint parameters (all NULL for a scan from the start)."""
+    if hint is None:
+        return {"hint_priority": None, "hint_epoch": None, "hint_id": None}
+    return {"hint_priority": hint.priority, "hint_epoch": hint.run_epoch, "hint_id": hint.id}
+
+
 class ClaimHints:
     """Per queue, the claim-order position where this worker's last full batch ended.
 

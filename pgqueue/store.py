@@ -14,7 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgqueue import db
-from pgqueue.claims import ClaimHint
+from pgqueue.claims import ClaimHint, hint_params
 from pgqueue.errors import DatabaseError
 from pgqueue.outcome import Outcome
 
@@ -194,9 +194,7 @@ class JobStore:
             "task_names": list(task_max_attempts),
             "task_max_attempts": list(task_max_attempts.values()),
             "default_max_attempts": default_max_attempts,
-            "hint_priority": None if hint is None else hint.priority,
-            "hint_epoch": None if hint is None else hint.run_epoch,
-            "hint_id": None if hint is None else hint.id,
+            **hint_params(hint),
         }
         conn = await self._claimer.get()
         try:

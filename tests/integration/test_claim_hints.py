@@ -18,7 +18,7 @@ import pytest
 
 import pgqueue
 from pgqueue import db
-from pgqueue.claims import ClaimHint, ClaimHints
+from pgqueue.claims import ClaimHint, ClaimHints, hint_params
 from tests.integration.worker_runner import running_worker, wait_until
 
 CLAIM = db.queries("pgqueue")["claim_jobs"].text
@@ -37,9 +37,7 @@ def claim(
         "task_names": ["t"],
         "task_max_attempts": [3],
         "default_max_attempts": 3,
-        "hint_priority": None if hint is None else hint.priority,
-        "hint_epoch": None if hint is None else hint.run_epoch,
-        "hint_id": None if hint is None else hint.id,
+        **hint_params(hint),
     }
     return conn.execute(CLAIM, params).fetchall()  # type: ignore[arg-type]
 
