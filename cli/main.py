@@ -192,6 +192,13 @@ def worker(
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
     ] = True,
+    durable_claims: Annotated[
+        bool,
+        typer.Option(
+            help="Claims wait for the disk flush too (default: they don't; a server crash may "
+            "take back a claim, and the job runs again)."
+        ),
+    ] = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
@@ -214,6 +221,7 @@ def worker(
         poll_seconds=poll_seconds,
         batch_size=batch_size,
         listen=listen,
+        durable_claims=durable_claims,
         metrics_port=metrics_port,
     )
     runner = Worker(tasks, resolve_dsn(dsn), queues=queue or None, schema=schema, settings=settings)
@@ -244,6 +252,13 @@ def relay(
     listen: Annotated[
         bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
     ] = True,
+    durable_claims: Annotated[
+        bool,
+        typer.Option(
+            help="Claims wait for the disk flush too (default: they don't; a server crash may "
+            "take back a claim, and the job runs again)."
+        ),
+    ] = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
@@ -266,6 +281,7 @@ def relay(
         poll_seconds=poll_seconds,
         retention_seconds=retention_seconds,
         listen=listen,
+        durable_claims=durable_claims,
         metrics_port=metrics_port,
     )
     runner = Relay(routes, resolve_dsn(dsn), schema=schema, settings=settings)

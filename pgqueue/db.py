@@ -61,16 +61,20 @@ _SESSION_SETUP = (
     " set_config('idle_in_transaction_session_timeout', %s, false),"
     # Floats printed exactly whatever the role or database sets (claimed job times travel
     # as epoch seconds).
-    " set_config('extra_float_digits', '3', false)"
+    " set_config('extra_float_digits', '3', false),"
+    # NULL keeps what the server, database or role says.
+    " set_config('synchronous_commit', coalesce(%s, current_setting('synchronous_commit')),"
+    " false)"
 )
 
 
 def session_settings(
     statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
     idle_timeout_ms: int = IDLE_IN_TRANSACTION_TIMEOUT_MS,
-) -> tuple[str, tuple[str, str]]:
+    synchronous_commit: str | None = None,
+) -> tuple[str, tuple[str, str, str | None]]:
     """The statement (and its parameters) every pgqueue-owned session runs first."""
-    return _SESSION_SETUP, (f"{statement_timeout_ms}ms", f"{idle_timeout_ms}ms")
+    return _SESSION_SETUP, (f"{statement_timeout_ms}ms", f"{idle_timeout_ms}ms", synchronous_commit)
 
 
 def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -88,16 +92,16 @@ def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connecti
 
 
 async def connect_async(
-    dsn: str, role: str, *, autocommit: bool = True
+    dsn: str, role: str, *, autocommit: bool = True, synchronous_commit: str | None = None
 ) -> psycopg.AsyncConnection[Any]:
-    """The async twin of :func:`connect`."""
+    """The async twin of :func:`connect`; ``synchronous_commit`` overrides the server's."""
     try:
         conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=autocommit, **connect_kwargs(role)
         )
         # A corrupted row must dead-letter its job, not crash the process that claimed it.
         set_json_loads(safe_loads, conn)
-        query, params = session_settings()
+        query, params = session_settings(synchronous_commit=synchronous_commit)
         await conn.execute(query, params)
         if not autocommit:
             await conn.commit()

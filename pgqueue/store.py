@@ -68,9 +68,10 @@ class Stopping(DatabaseError):
 class Reconnecting:
     """One pgqueue-owned async session that reconnects with jittered, capped backoff."""
 
-    def __init__(self, dsn: str, role: str) -> None:
+    def __init__(self, dsn: str, role: str, *, synchronous_commit: str | None = None) -> None:
         self._dsn = dsn
         self._role = role
+        self._synchronous_commit = synchronous_commit
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._failures = 0
         self.is_stopping = False
@@ -82,7 +83,9 @@ class Reconnecting:
                 # leases expire and any worker rescues the jobs later.
                 raise Stopping("stopping: the database is unreachable", is_transient=True)
             try:
-                self._conn = await db.connect_async(self._dsn, self._role)
+                self._conn = await db.connect_async(
+                    self._dsn, self._role, synchronous_commit=self._synchronous_commit
+                )
                 if self._failures:
                     log.info("database connection restored (%s)", self._role)
                 self._failures = 0
@@ -114,11 +117,23 @@ class Reconnecting:
 
 
 class JobStore:
-    """Async claim and settle on two sessions, so acks never wait behind a claim."""
+    """Async claim and settle on two sessions, so acks never wait behind a claim.
 
-    def __init__(self, dsn: str, schema: str) -> None:
+    Claims commit without waiting for their WAL to reach disk (``synchronous_commit =
+    off`` on the claiming session). A claim that a crash of the server takes back is one
+    that never happened: the job is available again and runs again, which at-least-once
+    delivery allows, while every claim stops waiting for a flush on the pickup path.
+    PostgreSQL never applies a later commit without the earlier ones, so the first durable
+    ack or retry of a claimed job makes its claim durable too. Settles, heartbeats and
+    ``job.transaction()`` keep the server's setting; so do cron ticks (a lost tick would be
+    a lost job). ``durable_claims`` makes claims wait like every other commit.
+    """
+
+    def __init__(self, dsn: str, schema: str, *, durable_claims: bool = False) -> None:
         self._queries = db.queries(schema)
-        self._claimer = Reconnecting(dsn, "worker")
+        self._claimer = Reconnecting(
+            dsn, "worker", synchronous_commit=None if durable_claims else "off"
+        )
         self._settler = Reconnecting(dsn, "worker")
 
     async def close(self) -> None:
@@ -155,6 +170,9 @@ class JobStore:
         try:
             async with conn.transaction():
                 async with conn.cursor(row_factory=dict_row) as cursor:
+                    # The claiming session commits asynchronously; a tick (and its job)
+                    # commits as the server is configured to.
+                    await cursor.execute("SET LOCAL synchronous_commit TO DEFAULT")
                     tick = {"name": name, "tick_at": tick_at}
                     await cursor.execute(self._queries["record_cron_tick"].text, tick)  # type: ignore[arg-type]
                     if not await cursor.fetchall():
@@ -296,8 +314,10 @@ class MaintenanceSession:
 class MessageStore(JobStore):
     """The relay's twin of :class:`JobStore`: the same sessions, the outbox statements."""
 
-    def __init__(self, dsn: str, schema: str, *, keep_history: bool) -> None:
-        super().__init__(dsn, schema)
+    def __init__(
+        self, dsn: str, schema: str, *, keep_history: bool, durable_claims: bool = False
+    ) -> None:
+        super().__init__(dsn, schema, durable_claims=durable_claims)
         self._keep_history = keep_history
 
     async def claim_messages(

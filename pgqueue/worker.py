@@ -57,6 +57,8 @@ class WorkerSettings:
     run_periodic: bool = True  # enqueue the app's cron ticks (once per tick across workers)
     metrics_port: int | None = None  # serve Prometheus metrics on this port
     freeze_heap: bool = True  # gc.freeze() once started: see lifecycle.freeze_startup_heap
+    # Claims wait for their commit to reach disk, as everything else does (see JobStore).
+    durable_claims: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -109,7 +111,7 @@ class Worker:
         self.id = uuid.uuid4()
         self.stats = WorkerStats()
         self.exit_code = 0
-        self.store = JobStore(dsn, self.schema)
+        self.store = JobStore(dsn, self.schema, durable_claims=self.settings.durable_claims)
         self._running: dict[int, _Running] = {}
         # id -> lease token of every job whose outcome is not yet written: the heartbeat
         # thread keeps these leases alive, so a slow settle never loses a finished job.
