@@ -355,6 +355,31 @@ async def run_async(
         raise translate_error(exc) from exc
 
 
+def first_row_sync(
+    conn: psycopg.Connection[Any], query: Query, params: Mapping[str, Any]
+) -> tuple[Any, ...] | None:
+    """The first row of one named query, as a tuple: the single-job enqueue's short path
+    (no dict rows, no list), paid on the caller's request path."""
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(query.text, params)  # type: ignore[arg-type]
+            return cursor.fetchone()
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+
+
+async def first_row_async(
+    conn: psycopg.AsyncConnection[Any], query: Query, params: Mapping[str, Any]
+) -> tuple[Any, ...] | None:
+    """The async twin of :func:`first_row_sync`."""
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute(query.text, params)  # type: ignore[arg-type]
+            return await cursor.fetchone()
+    except psycopg.Error as exc:
+        raise translate_error(exc) from exc
+
+
 def copy_sync(conn: psycopg.Connection[Any], query: Query, chunks: Iterable[str]) -> None:
     """COPY text-format ``chunks`` on a caller's connection, each sent as it is produced."""
     try:

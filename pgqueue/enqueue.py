@@ -14,6 +14,7 @@ from pgqueue.names import key_value, queue_name, task_name
 from pgqueue.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode
 
 DEFAULT_QUEUE = "default"
+_NO_HEADERS = "{}"
 _PRIORITY_RANGE = range(-32768, 32768)
 OnDuplicate = Literal["return", "raise"]
 
@@ -62,50 +63,82 @@ def _seconds(name: str, value: float | timedelta | None) -> float | None:
 
 def _row(spec: JobSpec, max_payload_bytes: int) -> dict[str, Any]:
     """Validate one job and turn it into bound parameters; raises before any SQL."""
-    task = task_name(spec.task)
-    queue = queue_name(DEFAULT_QUEUE if spec.queue is None else spec.queue)
-    if spec.args is None or not isinstance(spec.args, Mapping):
+    return _validated(
+        spec.task,
+        spec.args,
+        max_payload_bytes,
+        queue=spec.queue,
+        priority=spec.priority,
+        run_at=spec.run_at,
+        delay=spec.delay,
+        max_attempts=spec.max_attempts,
+        timeout=spec.timeout,
+        headers=spec.headers,
+        ordering_key=spec.ordering_key,
+        unique_key=spec.unique_key,
+    )
+
+
+def _validated(
+    task: str,
+    args: Mapping[str, Any] | None,
+    max_payload_bytes: int,
+    *,
+    queue: str | None,
+    priority: int | None,
+    run_at: datetime | None,
+    delay: float | timedelta | None,
+    max_attempts: int | None,
+    timeout: float | timedelta | None,
+    headers: Mapping[str, str] | None,
+    ordering_key: str | None,
+    unique_key: str | None,
+) -> dict[str, Any]:
+    """One job's bound parameters, every option checked: the rules of :func:`enqueue`."""
+    task = task_name(task)
+    queue = queue_name(DEFAULT_QUEUE if queue is None else queue)
+    if args is None or not isinstance(args, Mapping):
         raise TypeError(
             f"args of task {task!r} must be a mapping of keyword arguments, "
-            f"got {type(spec.args).__name__}"
+            f"got {type(args).__name__}"
         )
-    priority = 0 if spec.priority is None else spec.priority
+    priority = 0 if priority is None else priority
     if (
         isinstance(priority, bool)
         or not isinstance(priority, int)
         or priority not in _PRIORITY_RANGE
     ):
         raise ValueError("priority must be an int from -32768 to 32767 (higher runs first)")
-    if spec.run_at is not None and spec.delay is not None:
+    if run_at is not None and delay is not None:
         raise ValueError("give run_at or delay, not both")
-    if spec.run_at is not None and (
-        not isinstance(spec.run_at, datetime) or spec.run_at.tzinfo is None
-    ):
+    if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
         raise ValueError("run_at must be a timezone-aware datetime (e.g. datetime.now(UTC))")
-    if spec.max_attempts is not None and (
-        isinstance(spec.max_attempts, bool)
-        or not isinstance(spec.max_attempts, int)
-        or spec.max_attempts < 1
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
     ):
         raise ValueError("max_attempts must be an int >= 1")
-    headers = dict(spec.headers or {})
-    for key, value in headers.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError("headers must map str to str")
+    if headers:
+        headers = dict(headers)
+        for key, value in headers.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError("headers must map str to str")
+        headers_text = encode(headers, what="headers", max_bytes=max_payload_bytes)
+    else:
+        headers_text = _NO_HEADERS
     return {
         "queue": queue,
         "task": task,
-        "args": encode(dict(spec.args), what="args", max_bytes=max_payload_bytes),
-        "headers": encode(headers, what="headers", max_bytes=max_payload_bytes),
+        "args": encode(
+            args if type(args) is dict else dict(args), what="args", max_bytes=max_payload_bytes
+        ),
+        "headers": headers_text,
         "priority": priority,
-        "run_at": spec.run_at,
-        "delay": _seconds("delay", spec.delay) or 0.0,
-        "max_attempts": spec.max_attempts,
-        "timeout_seconds": _seconds("timeout", spec.timeout),
-        "ordering_key": None
-        if spec.ordering_key is None
-        else key_value("ordering_key", spec.ordering_key),
-        "unique_key": None if spec.unique_key is None else key_value("unique_key", spec.unique_key),
+        "run_at": run_at,
+        "delay": _seconds("delay", delay) or 0.0,
+        "max_attempts": max_attempts,
+        "timeout_seconds": _seconds("timeout", timeout),
+        "ordering_key": None if ordering_key is None else key_value("ordering_key", ordering_key),
+        "unique_key": None if unique_key is None else key_value("unique_key", unique_key),
     }
 
 
@@ -191,25 +224,24 @@ def _copy_outcome(row: Mapping[str, Any]) -> str:
     return status
 
 
-def _single(
-    task: str,
-    args: Mapping[str, Any] | None,
-    options: Mapping[str, Any],
-    schema: str | None,
-    max_payload_bytes: int,
-) -> tuple[db.Query, dict[str, Any]]:
-    """The query of a one-job call: a plain job takes the short ``enqueue_job`` path.
+def _single(row: dict[str, Any], schema: str | None) -> tuple[db.Query, dict[str, Any], slice]:
+    """The query of a one-job call and where (job_id, status) sit in its row: a plain job
+    takes the short ``enqueue_job`` path.
 
-    Built straight from the one row (no per-column lists): this runs once per producer
-    transaction, and its Python cost is paid on the caller's request path.
+    Built straight from the one validated row (no JobSpec, no per-column lists): this runs
+    once per producer transaction, and its Python cost is paid on the caller's request path.
     """
-    spec = JobSpec(task=task, args=args if args is not None else {}, **options)
-    row = _row(spec, max_payload_bytes)
     queries = db.queries(resolve_schema(schema))
     if row["ordering_key"] is None and row["unique_key"] is None:
         del row["ordering_key"], row["unique_key"]
-        return queries["enqueue_job"], row
-    return queries["enqueue_jobs"], {name: [row[name]] for name in _COLUMNS}
+        return queries["enqueue_job"], row, slice(0, 2)
+    return queries["enqueue_jobs"], {name: [row[name]] for name in _COLUMNS}, slice(1, 3)
+
+
+def _single_id(row: tuple[Any, ...] | None, where: slice, on_duplicate: OnDuplicate) -> int:
+    assert row is not None, "enqueue returns one row per job"
+    job_id, status = row[where]
+    return interpret([{"job_id": job_id, "status": status}], on_duplicate)[0]
 
 
 def enqueue(
@@ -244,19 +276,25 @@ def enqueue(
     ...     conn.execute("INSERT INTO orders ...")
     ...     job_id = pgqueue.enqueue(conn, "send_receipt", {"order_id": 42}, queue="email")
     """
-    options = {
-        "queue": queue,
-        "priority": priority,
-        "run_at": run_at,
-        "delay": delay,
-        "max_attempts": max_attempts,
-        "timeout": timeout,
-        "headers": headers,
-        "ordering_key": ordering_key,
-        "unique_key": unique_key,
-    }
-    built = _single(task, args, options, schema, max_payload_bytes)
-    return interpret(db.run_sync(db.sync_connection(conn), *built), on_duplicate)[0]
+    query, params, where = _single(
+        _validated(
+            task,
+            {} if args is None else args,
+            max_payload_bytes,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            headers=headers,
+            ordering_key=ordering_key,
+            unique_key=unique_key,
+        ),
+        schema,
+    )
+    found = db.first_row_sync(db.sync_connection(conn), query, params)
+    return _single_id(found, where, on_duplicate)
 
 
 async def enqueue_async(
@@ -278,20 +316,25 @@ async def enqueue_async(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> int:
     """The async twin of :func:`enqueue` (psycopg ``AsyncConnection``, SQLAlchemy async)."""
-    options = {
-        "queue": queue,
-        "priority": priority,
-        "run_at": run_at,
-        "delay": delay,
-        "max_attempts": max_attempts,
-        "timeout": timeout,
-        "headers": headers,
-        "ordering_key": ordering_key,
-        "unique_key": unique_key,
-    }
-    built = _single(task, args, options, schema, max_payload_bytes)
-    rows = await db.run_async(await db.async_connection(conn), *built)
-    return interpret(rows, on_duplicate)[0]
+    query, params, where = _single(
+        _validated(
+            task,
+            {} if args is None else args,
+            max_payload_bytes,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            headers=headers,
+            ordering_key=ordering_key,
+            unique_key=unique_key,
+        ),
+        schema,
+    )
+    found = await db.first_row_async(await db.async_connection(conn), query, params)
+    return _single_id(found, where, on_duplicate)
 
 
 def enqueue_many(
