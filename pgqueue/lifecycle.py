@@ -1,13 +1,15 @@
-"""The last steps of a worker or relay, each bounded so an unreachable database cannot
-hold the process past its grace period."""
+"""How a worker or relay starts and stops: the events its loops wait on, signals, the order
+of shutdown, and the last steps, each bounded so an unreachable database cannot hold the
+process past its grace period."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
-from collections.abc import Iterable
-from typing import Any, Protocol
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 log = logging.getLogger("pgqueue")
@@ -34,6 +36,93 @@ def thaw_heap(frozen: bool) -> None:
     and stops workers must not keep their cyclic garbage forever."""
     if frozen:
         gc.unfreeze()
+
+
+class _Lanes(Protocol):
+    def close(self) -> None: ...
+
+
+class _ClaimStore(Protocol):
+    def stop_retrying(self) -> None: ...
+
+
+StoreT = TypeVar("StoreT", bound=_ClaimStore)
+
+
+class ClaimingProcess(Generic[StoreT]):
+    """The start and stop a worker and a relay share (each claims, runs on lanes, drains).
+
+    Subclasses set ``store`` and ``_lanes``, call :meth:`_init_lifecycle` in ``__init__``
+    and implement ``_on_signal`` (the first SIGTERM/SIGINT; a second exits at once).
+    """
+
+    store: StoreT
+    _lanes: _Lanes
+
+    def _init_lifecycle(self) -> None:
+        self._stopping = False
+        self._stop_requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Set when a claim may find something new (NOTIFY, a settled key, shutdown).
+        self._wake: asyncio.Event | None = None
+        # Set when a lane frees up (and at shutdown).
+        self._capacity: asyncio.Event | None = None
+        self._stop_event: asyncio.Event | None = None
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown; safe to call from any thread, even before ``run``."""
+        self._stop_requested = True
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None:
+            loop.call_soon_threadsafe(event.set)
+
+    def _on_signal(self, signum: int) -> None:
+        raise NotImplementedError
+
+    def _start_lifecycle(self, install_signals: bool) -> None:
+        """Create the events on the running loop; route SIGTERM/SIGINT to ``_on_signal``."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        if self._stop_requested:
+            self._stop_event.set()
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _stop_claiming(self) -> None:
+        """Shutdown began: no new claims, lanes take nothing new, waiting loops see it."""
+        assert self._wake is not None and self._capacity is not None
+        self._stopping = True
+        self._lanes.close()
+        self._wake.set()
+        self._capacity.set()
+        self.store.stop_retrying()
+
+    async def _claim_until_stopped(
+        self, fetch_loop: Coroutine[Any, Any, None], drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``fetch_loop`` until it ends or a stop is requested, then shut down in order:
+        stop claiming, let a claim under way return (at most a second), ``drain``.
+
+        A claim under way normally returns within a round trip; one stuck reconnecting to an
+        unreachable database is cancelled (its leases expire; rescue follows). An error that
+        ended the fetch loop is raised once claiming stopped, before the drain.
+        """
+        assert self._stop_event is not None
+        fetch = asyncio.create_task(fetch_loop, name="fetch")
+        stopped = asyncio.create_task(self._stop_event.wait())
+        await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        self._stop_claiming()
+        done, _ = await asyncio.wait({fetch}, timeout=1.0)
+        if not done:
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+        stopped.cancel()
+        if not fetch.cancelled() and fetch.exception() is not None:
+            fetch.result()
+        await drain()
 
 
 class _Stoppable(Protocol):

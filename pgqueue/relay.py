@@ -19,7 +19,7 @@ from pgqueue.config import resolve_schema
 from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.lanes import Lanes
-from pgqueue.lifecycle import freeze_startup_heap, thaw_heap, wind_down
+from pgqueue.lifecycle import ClaimingProcess, freeze_startup_heap, thaw_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.outbox import outbox_channel
@@ -76,7 +76,7 @@ class _InFlight:
     task: asyncio.Task[None] | None = None
 
 
-class Relay:
+class Relay(ClaimingProcess[MessageStore]):
     """Delivers the outbox of ``dsn`` through the routes of ``app``.
 
     >>> pgqueue.Relay(app, dsn).run()
@@ -128,12 +128,7 @@ class Relay:
         )
         self._sink_slots: dict[str, asyncio.Semaphore] = {}
         self._settle = SettleQueue(self.store, self._count, what="delivery")
-        self._stopping = False
-        self._stop_requested = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._capacity: asyncio.Event | None = None
-        self._stop_event: asyncio.Event | None = None
+        self._init_lifecycle()
 
     # ------------------------------------------------------------ heartbeat hooks
 
@@ -187,13 +182,6 @@ class Relay:
         """Run until SIGTERM/SIGINT (first: graceful; second: immediate exit)."""
         return asyncio.run(self.run_async(install_signals=install_signals))
 
-    def request_stop(self) -> None:
-        """Begin a graceful shutdown from any thread, even before ``run``."""
-        self._stop_requested = True
-        loop, event = self._loop, self._stop_event
-        if loop is not None and event is not None:
-            loop.call_soon_threadsafe(event.set)
-
     def _on_signal(self, signum: int) -> None:
         if self._stopping:
             os._exit(130 if signum == signal.SIGINT else 143)
@@ -211,15 +199,8 @@ class Relay:
             )
 
     async def run_async(self, *, install_signals: bool = False) -> int:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._capacity = asyncio.Event()
-        self._stop_event = asyncio.Event()
-        if self._stop_requested:
-            self._stop_event.set()
-        if install_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(signum, self._on_signal, signum)
+        self._start_lifecycle(install_signals)
+        assert self._wake is not None
         heartbeat = HeartbeatThread(
             self,
             renew_query="heartbeat_messages",
@@ -249,24 +230,7 @@ class Relay:
                 )
                 background.append(asyncio.create_task(listener.run(), name="listen"))
             log.info("relay %s started: sinks=%s", self.id, ",".join(s.name for s in started))
-            fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
-            stop = asyncio.create_task(self._stop_event.wait())
-            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
-            self._stopping = True
-            self._lanes.close()
-            self._wake.set()
-            self._capacity.set()
-            self.store.stop_retrying()
-            # A claim under way normally returns within a round trip; one stuck reconnecting
-            # to an unreachable database is cancelled (its leases expire; rescue follows).
-            done, _ = await asyncio.wait({fetch}, timeout=1.0)
-            if not done:
-                fetch.cancel()
-                await asyncio.gather(fetch, return_exceptions=True)
-            stop.cancel()
-            if not fetch.cancelled() and fetch.exception() is not None:
-                fetch.result()
-            await self._drain()
+            await self._claim_until_stopped(self._fetch_loop(), self._drain)
         except (SchemaNotReady, ConfigurationError) as exc:
             log.error("%s", exc)
             self.exit_code = 3 if isinstance(exc, SchemaNotReady) else 1

@@ -24,7 +24,7 @@ from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
 from pgqueue.lanes import Lanes
-from pgqueue.lifecycle import freeze_startup_heap, thaw_heap, wind_down
+from pgqueue.lifecycle import ClaimingProcess, freeze_startup_heap, thaw_heap, wind_down
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
@@ -88,7 +88,7 @@ class WorkerStats:
     lost: int = 0
 
 
-class Worker:
+class Worker(ClaimingProcess[JobStore]):
     """Runs the tasks of ``app`` from ``queues`` (default: every queue the app names).
 
     >>> pgqueue.Worker(app, dsn, queues=["email"], settings=WorkerSettings(concurrency=16)).run()
@@ -130,12 +130,7 @@ class Worker:
         # Settling a keyed job promotes the next job of its key, which keeps its place in
         # the claim order (behind any hint): the queue's next claim must scan from the start.
         self._keyed_settling: dict[int, str] = {}
-        self._stopping = False
-        self._stop_requested = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._capacity: asyncio.Event | None = None
-        self._stop_event: asyncio.Event | None = None
+        self._init_lifecycle()
         self._executor = ThreadPoolExecutor(
             max_workers=self.settings.concurrency * 2, thread_name_prefix="pgqueue-job"
         )
@@ -155,13 +150,6 @@ class Worker:
         """Run until SIGTERM/SIGINT (first: graceful; second: immediate exit)."""
         return asyncio.run(self.run_async(install_signals=install_signals))
 
-    def request_stop(self) -> None:
-        """Begin a graceful shutdown; safe to call from any thread, even before ``run``."""
-        self._stop_requested = True
-        loop = self._loop
-        if loop is not None and self._stop_event is not None:
-            loop.call_soon_threadsafe(self._stop_event.set)
-
     def _on_signal(self, signum: int) -> None:
         if self._stopping:
             log.warning("second %s: exiting now", signal.Signals(signum).name)
@@ -175,15 +163,8 @@ class Worker:
         self._stop_event.set()
 
     async def run_async(self, *, install_signals: bool = False) -> int:
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._capacity = asyncio.Event()
-        self._stop_event = asyncio.Event()
-        if self._stop_requested:
-            self._stop_event.set()
-        if install_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(signum, self._on_signal, signum)
+        self._start_lifecycle(install_signals)
+        assert self._wake is not None
         heartbeat = HeartbeatThread(
             self,
             renew_query="heartbeat_jobs",
@@ -214,24 +195,7 @@ class Worker:
                 ",".join(self.queues),
                 self.settings.concurrency,
             )
-            fetch = asyncio.create_task(self._fetch_loop(), name="fetch")
-            stop = asyncio.create_task(self._stop_event.wait())
-            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
-            self._stopping = True
-            self._lanes.close()
-            self._wake.set()
-            self._capacity.set()
-            self.store.stop_retrying()
-            # A claim under way normally returns within a round trip; one stuck reconnecting
-            # to an unreachable database is cancelled (its leases expire; rescue follows).
-            done, _ = await asyncio.wait({fetch}, timeout=1.0)
-            if not done:
-                fetch.cancel()
-                await asyncio.gather(fetch, return_exceptions=True)
-            stop.cancel()
-            if not fetch.cancelled() and fetch.exception() is not None:
-                fetch.result()
-            await self._drain()
+            await self._claim_until_stopped(self._fetch_loop(), self._drain)
         except SchemaNotReady as exc:
             log.error("%s", exc)
             self.exit_code = 3
