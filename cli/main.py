@@ -43,6 +43,16 @@ DsnOption = Annotated[
     str | None,
     typer.Option("--dsn", help="PostgreSQL DSN; default $PGQUEUE_DSN, then $DATABASE_URL."),
 ]
+ListenOption = Annotated[
+    bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
+]
+DurableClaimsOption = Annotated[
+    bool,
+    typer.Option(
+        help="Claims wait for the disk flush too (default: they don't; a server crash may "
+        "take back a claim, and its job or message runs again)."
+    ),
+]
 SchemaOption = Annotated[
     str | None,
     typer.Option(
@@ -189,16 +199,8 @@ def worker(
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Max jobs per claim; default concurrency.")
     ] = None,
-    listen: Annotated[
-        bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
-    ] = True,
-    durable_claims: Annotated[
-        bool,
-        typer.Option(
-            help="Claims wait for the disk flush too (default: they don't; a server crash may "
-            "take back a claim, and the job runs again)."
-        ),
-    ] = False,
+    listen: ListenOption = True,
+    durable_claims: DurableClaimsOption = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
@@ -249,16 +251,8 @@ def relay(
     retention_seconds: Annotated[
         float, typer.Option(min=0, help="Keep delivered history this long; 0: none.")
     ] = 86400.0,
-    listen: Annotated[
-        bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
-    ] = True,
-    durable_claims: Annotated[
-        bool,
-        typer.Option(
-            help="Claims wait for the disk flush too (default: they don't; a server crash may "
-            "take back a claim, and the job runs again)."
-        ),
-    ] = False,
+    listen: ListenOption = True,
+    durable_claims: DurableClaimsOption = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
