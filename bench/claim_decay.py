@@ -44,6 +44,7 @@ def main() -> None:
             "task_names": ["noop"],
             "task_max_attempts": [3],
             "default_max_attempts": 3,
+            "durable": False,
         }
         hints = ClaimHints(0.0 if args.no_hints else 1.0)
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -49,8 +49,8 @@ ListenOption = Annotated[
 DurableClaimsOption = Annotated[
     bool,
     typer.Option(
-        help="Claims wait for the disk flush too (default: they don't; a server crash may "
-        "take back a claim, and its job or message runs again)."
+        help="Every claim waits for the disk flush (default: a claim of plain jobs does not; "
+        "a server crash may take it back, and the job runs again)."
     ),
 ]
 SchemaOption = Annotated[
@@ -252,7 +252,6 @@ def relay(
         float, typer.Option(min=0, help="Keep delivered history this long; 0: none.")
     ] = 86400.0,
     listen: ListenOption = True,
-    durable_claims: DurableClaimsOption = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
@@ -275,7 +274,6 @@ def relay(
         poll_seconds=poll_seconds,
         retention_seconds=retention_seconds,
         listen=listen,
-        durable_claims=durable_claims,
         metrics_port=metrics_port,
     )
     runner = Relay(routes, resolve_dsn(dsn), schema=schema, settings=settings)

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.pq import TransactionStatus
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import set_json_loads
 
 from pgqueue.errors import (
@@ -61,20 +61,16 @@ _SESSION_SETUP = (
     " set_config('idle_in_transaction_session_timeout', %s, false),"
     # Floats printed exactly whatever the role or database sets (claimed job times travel
     # as epoch seconds).
-    " set_config('extra_float_digits', '3', false),"
-    # NULL keeps what the server, database or role says.
-    " set_config('synchronous_commit', coalesce(%s, current_setting('synchronous_commit')),"
-    " false)"
+    " set_config('extra_float_digits', '3', false)"
 )
 
 
 def session_settings(
     statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
     idle_timeout_ms: int = IDLE_IN_TRANSACTION_TIMEOUT_MS,
-    synchronous_commit: str | None = None,
-) -> tuple[str, tuple[str, str, str | None]]:
+) -> tuple[str, tuple[str, str]]:
     """The statement (and its parameters) every pgqueue-owned session runs first."""
-    return _SESSION_SETUP, (f"{statement_timeout_ms}ms", f"{idle_timeout_ms}ms", synchronous_commit)
+    return _SESSION_SETUP, (f"{statement_timeout_ms}ms", f"{idle_timeout_ms}ms")
 
 
 def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -92,16 +88,16 @@ def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connecti
 
 
 async def connect_async(
-    dsn: str, role: str, *, autocommit: bool = True, synchronous_commit: str | None = None
+    dsn: str, role: str, *, autocommit: bool = True
 ) -> psycopg.AsyncConnection[Any]:
-    """The async twin of :func:`connect`; ``synchronous_commit`` overrides the server's."""
+    """The async twin of :func:`connect`."""
     try:
         conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=autocommit, **connect_kwargs(role)
         )
         # A corrupted row must dead-letter its job, not crash the process that claimed it.
         set_json_loads(safe_loads, conn)
-        query, params = session_settings(synchronous_commit=synchronous_commit)
+        query, params = session_settings()
         await conn.execute(query, params)
         if not autocommit:
             await conn.commit()
@@ -359,9 +355,10 @@ def first_row_sync(
     conn: psycopg.Connection[Any], query: Query, params: Mapping[str, Any]
 ) -> tuple[Any, ...] | None:
     """The first row of one named query, as a tuple: the single-job enqueue's short path
-    (no dict rows, no list), paid on the caller's request path."""
+    (no dict rows, no list), paid on the caller's request path. Tuples whatever row factory
+    the caller's connection has."""
     try:
-        with conn.cursor() as cursor:
+        with conn.cursor(row_factory=tuple_row) as cursor:
             cursor.execute(query.text, params)  # type: ignore[arg-type]
             return cursor.fetchone()
     except psycopg.Error as exc:
@@ -373,7 +370,7 @@ async def first_row_async(
 ) -> tuple[Any, ...] | None:
     """The async twin of :func:`first_row_sync`."""
     try:
-        async with conn.cursor() as cursor:
+        async with conn.cursor(row_factory=tuple_row) as cursor:
             await cursor.execute(query.text, params)  # type: ignore[arg-type]
             return await cursor.fetchone()
     except psycopg.Error as exc:

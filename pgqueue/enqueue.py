@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pgqueue import bulk, db
 from pgqueue.config import resolve_schema
-from pgqueue.errors import DuplicateJob, QueueFull
+from pgqueue.errors import DatabaseError, DuplicateJob, QueueFull
 from pgqueue.names import key_value, queue_name, task_name
 from pgqueue.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode
 
@@ -122,16 +122,16 @@ def _validated(
         for key, value in headers.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError("headers must map str to str")
-        headers_text = encode(headers, what="headers", max_bytes=max_payload_bytes)
-    else:
-        headers_text = _NO_HEADERS
+    args_text = encode(
+        args if type(args) is dict else dict(args), what="args", max_bytes=max_payload_bytes
+    )
     return {
         "queue": queue,
         "task": task,
-        "args": encode(
-            args if type(args) is dict else dict(args), what="args", max_bytes=max_payload_bytes
-        ),
-        "headers": headers_text,
+        "args": args_text,
+        "headers": encode(headers, what="headers", max_bytes=max_payload_bytes)
+        if headers
+        else _NO_HEADERS,
         "priority": priority,
         "run_at": run_at,
         "delay": _seconds("delay", delay) or 0.0,
@@ -239,7 +239,11 @@ def _single(row: dict[str, Any], schema: str | None) -> tuple[db.Query, dict[str
 
 
 def _single_id(row: tuple[Any, ...] | None, where: slice, on_duplicate: OnDuplicate) -> int:
-    assert row is not None, "enqueue returns one row per job"
+    if row is None:
+        raise DatabaseError(
+            "the enqueue function returned no row: is the schema migrated (pgqueue migrate)?",
+            is_transient=False,
+        )
     job_id, status = row[where]
     return interpret([{"job_id": job_id, "status": status}], on_duplicate)[0]
 

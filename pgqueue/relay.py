@@ -47,8 +47,6 @@ class RelaySettings:
     breaker_cooldown_seconds: float = 2.0
     metrics_port: int | None = None
     freeze_heap: bool = True  # gc.freeze() once started: see lifecycle.freeze_startup_heap
-    # Claims wait for their commit to reach disk, as everything else does (see JobStore).
-    durable_claims: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.batch_size < 1:
@@ -106,7 +104,6 @@ class Relay(ClaimingProcess[MessageStore]):
             dsn,
             self.schema,
             keep_history=self.settings.retention_seconds > 0,
-            durable_claims=self.settings.durable_claims,
         )
         self.leases: dict[int, uuid.UUID] = {}
         self.lost: set[int] = set()

@@ -68,10 +68,9 @@ class Stopping(DatabaseError):
 class Reconnecting:
     """One pgqueue-owned async session that reconnects with jittered, capped backoff."""
 
-    def __init__(self, dsn: str, role: str, *, synchronous_commit: str | None = None) -> None:
+    def __init__(self, dsn: str, role: str) -> None:
         self._dsn = dsn
         self._role = role
-        self._synchronous_commit = synchronous_commit
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._failures = 0
         self.is_stopping = False
@@ -83,9 +82,7 @@ class Reconnecting:
                 # leases expire and any worker rescues the jobs later.
                 raise Stopping("stopping: the database is unreachable", is_transient=True)
             try:
-                self._conn = await db.connect_async(
-                    self._dsn, self._role, synchronous_commit=self._synchronous_commit
-                )
+                self._conn = await db.connect_async(self._dsn, self._role)
                 if self._failures:
                     log.info("database connection restored (%s)", self._role)
                 self._failures = 0
@@ -119,21 +116,15 @@ class Reconnecting:
 class JobStore:
     """Async claim and settle on two sessions, so acks never wait behind a claim.
 
-    Claims commit without waiting for their WAL to reach disk (``synchronous_commit =
-    off`` on the claiming session). A claim that a crash of the server takes back is one
-    that never happened: the job is available again and runs again, which at-least-once
-    delivery allows, while every claim stops waiting for a flush on the pickup path.
-    PostgreSQL never applies a later commit without the earlier ones, so the first durable
-    ack or retry of a claimed job makes its claim durable too. Settles, heartbeats and
-    ``job.transaction()`` keep the server's setting; so do cron ticks (a lost tick would be
-    a lost job). ``durable_claims`` makes claims wait like every other commit.
+    A claim of plain jobs commits without waiting for its WAL to reach disk (the
+    ``claim_jobs`` query says when, and README's "The contract" what a crash can then take
+    back); ``durable_claims`` makes every claim wait like any other commit.
     """
 
     def __init__(self, dsn: str, schema: str, *, durable_claims: bool = False) -> None:
         self._queries = db.queries(schema)
-        self._claimer = Reconnecting(
-            dsn, "worker", synchronous_commit=None if durable_claims else "off"
-        )
+        self._durable_claims = durable_claims
+        self._claimer = Reconnecting(dsn, "worker")
         self._settler = Reconnecting(dsn, "worker")
 
     async def close(self) -> None:
@@ -170,9 +161,6 @@ class JobStore:
         try:
             async with conn.transaction():
                 async with conn.cursor(row_factory=dict_row) as cursor:
-                    # The claiming session commits asynchronously; a tick (and its job)
-                    # commits as the server is configured to.
-                    await cursor.execute("SET LOCAL synchronous_commit TO DEFAULT")
                     tick = {"name": name, "tick_at": tick_at}
                     await cursor.execute(self._queries["record_cron_tick"].text, tick)  # type: ignore[arg-type]
                     if not await cursor.fetchall():
@@ -213,6 +201,7 @@ class JobStore:
             "task_max_attempts": list(task_max_attempts.values()),
             "default_max_attempts": default_max_attempts,
             **hint_params(hint),
+            "durable": self._durable_claims,
         }
         conn = await self._claimer.get()
         try:
@@ -314,10 +303,8 @@ class MaintenanceSession:
 class MessageStore(JobStore):
     """The relay's twin of :class:`JobStore`: the same sessions, the outbox statements."""
 
-    def __init__(
-        self, dsn: str, schema: str, *, keep_history: bool, durable_claims: bool = False
-    ) -> None:
-        super().__init__(dsn, schema, durable_claims=durable_claims)
+    def __init__(self, dsn: str, schema: str, *, keep_history: bool) -> None:
+        super().__init__(dsn, schema)
         self._keep_history = keep_history
 
     async def claim_messages(

@@ -57,7 +57,8 @@ class WorkerSettings:
     run_periodic: bool = True  # enqueue the app's cron ticks (once per tick across workers)
     metrics_port: int | None = None  # serve Prometheus metrics on this port
     freeze_heap: bool = True  # gc.freeze() once started: see lifecycle.freeze_startup_heap
-    # Claims wait for their commit to reach disk, as everything else does (see JobStore).
+    # Every claim waits for its commit to reach disk (by default a claim of plain jobs in a
+    # queue without limits does not: README, "The contract").
     durable_claims: bool = False
 
     def __post_init__(self) -> None:

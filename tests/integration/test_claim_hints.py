@@ -38,6 +38,7 @@ def claim(
         "task_max_attempts": [3],
         "default_max_attempts": 3,
         **hint_params(hint),
+        "durable": False,
     }
     return conn.execute(CLAIM, params).fetchall()  # type: ignore[arg-type]
 

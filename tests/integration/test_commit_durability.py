@@ -1,13 +1,17 @@
-"""Which of a worker's sessions wait for their commits to reach disk, on real PostgreSQL.
+"""Which commits wait for their WAL to reach disk, on real PostgreSQL.
 
-Claims commit asynchronously (a claim a server crash takes back is a job that runs again);
-settles and cron ticks commit as the server, database or role is configured to. The
-database here is configured to ``local``, a value no session would have by accident.
+A claim of plain jobs in a queue without limits commits asynchronously (a claim a crash
+takes back is a job that runs again); a claim of keyed jobs, a claim in a limited queue
+and every claim with ``durable_claims`` commit as configured, and so does everything else.
+The setting is made for the claim's transaction alone, never for a session (a session
+setting would leak to other clients through PgBouncer's transaction pooling). The database
+here is configured to ``local``, a value no session would have by accident.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+import uuid
 from typing import Any
 
 import psycopg
@@ -15,8 +19,10 @@ from psycopg import sql
 
 import pgqueue
 from pgqueue import db
-from pgqueue.sinks.local import CallableSink
+from pgqueue.claims import hint_params
 from pgqueue.store import JobStore, MessageStore
+
+CLAIM = db.queries("pgqueue")["claim_jobs"].text
 
 
 def configure_database(dsn: str, value: str) -> None:
@@ -30,65 +36,95 @@ def configure_database(dsn: str, value: str) -> None:
         )
 
 
-async def setting(conn: psycopg.AsyncConnection[Any]) -> str:
-    cursor = await conn.execute("SELECT current_setting('synchronous_commit')")
-    row = await cursor.fetchone()
-    assert row is not None
-    return str(row[0])
+def claim_commit_mode(dsn: str, queue: str, *, durable: bool = False) -> tuple[int, str]:
+    """Claim from ``queue`` in a transaction; how many jobs, and the setting the commit
+    would use. Rolled back: the jobs stay available."""
+    with psycopg.connect(dsn) as conn:
+        claimed = conn.execute(
+            CLAIM,
+            {
+                "queue": queue,
+                "limit": 10,
+                "worker_id": uuid.uuid4(),
+                "lease_seconds": 30.0,
+                "task_names": ["t"],
+                "task_max_attempts": [3],
+                "default_max_attempts": 3,
+                **hint_params(None),
+                "durable": durable,
+            },
+        ).fetchall()
+        setting = conn.execute("SELECT current_setting('synchronous_commit')").fetchone()
+        conn.rollback()
+    assert setting is not None
+    return len(claimed), str(setting[0])
 
 
-async def test_claims_commit_asynchronously_and_settles_as_configured(dsn: str) -> None:
+def enqueue(dsn: str, queue: str, count: int, **options: Any) -> None:
+    with psycopg.connect(dsn) as conn:
+        for n in range(count):
+            pgqueue.enqueue(conn, "t", {"n": n}, queue=queue, **options)
+        conn.commit()
+
+
+def test_a_claim_of_plain_jobs_does_not_wait_for_the_flush(dsn: str) -> None:
     configure_database(dsn, "local")
-    for store in (JobStore(dsn, "pgqueue"), MessageStore(dsn, "pgqueue", keep_history=False)):
-        try:
-            assert await setting(await store._claimer.get()) == "off"
-            assert await setting(await store._settler.get()) == "local"
-        finally:
-            await store.close()
+    enqueue(dsn, "plain", 3)
+    assert claim_commit_mode(dsn, "plain") == (3, "off")
 
 
-async def test_durable_claims_keep_the_configured_setting(dsn: str) -> None:
+def test_durable_claims_wait_as_configured(dsn: str) -> None:
     configure_database(dsn, "local")
-    for store in (
-        JobStore(dsn, "pgqueue", durable_claims=True),
-        MessageStore(dsn, "pgqueue", keep_history=False, durable_claims=True),
-    ):
-        try:
-            assert await setting(await store._claimer.get()) == "local"
-        finally:
-            await store.close()
+    enqueue(dsn, "plain", 3)
+    assert claim_commit_mode(dsn, "plain", durable=True) == (3, "local")
 
 
-def test_the_durable_claims_setting_reaches_the_stores(dsn: str) -> None:
+def test_a_claim_with_a_keyed_job_waits_as_configured(dsn: str) -> None:
+    configure_database(dsn, "local")
+    enqueue(dsn, "mixed", 2)
+    enqueue(dsn, "mixed", 1, ordering_key="k")
+    assert claim_commit_mode(dsn, "mixed") == (3, "local")
+
+
+def test_a_claim_in_a_limited_queue_waits_as_configured(dsn: str) -> None:
+    configure_database(dsn, "local")
+    with psycopg.connect(dsn) as conn:
+        pgqueue.configure_queue(conn, "capped", concurrency_limit=100)
+        pgqueue.configure_queue(conn, "paced", rate_limit=(1000, 1.0))
+        conn.commit()
+    enqueue(dsn, "capped", 2)
+    enqueue(dsn, "paced", 2)
+    assert claim_commit_mode(dsn, "capped") == (2, "local")
+    assert claim_commit_mode(dsn, "paced") == (2, "local")
+
+
+def test_no_session_of_a_worker_or_relay_changes_the_setting(dsn: str) -> None:
+    configure_database(dsn, "local")
+
+    async def sessions() -> list[str]:
+        found = []
+        for store in (JobStore(dsn, "pgqueue"), MessageStore(dsn, "pgqueue", keep_history=False)):
+            try:
+                for session in (store._claimer, store._settler):
+                    cursor = await (await session.get()).execute(
+                        "SELECT current_setting('synchronous_commit')"
+                    )
+                    row = await cursor.fetchone()
+                    assert row is not None
+                    found.append(str(row[0]))
+            finally:
+                await store.close()
+        return found
+
+    assert asyncio.run(sessions()) == ["local"] * 4
+
+
+def test_the_durable_claims_setting_reaches_the_store(dsn: str) -> None:
     app = pgqueue.App()
-    app.route("t.*", CallableSink("sink", lambda message: None))
+
+    @app.task(queue="q")
+    def t(job: pgqueue.Job) -> None: ...
+
     for durable in (False, True):
         worker = pgqueue.Worker(app, dsn, settings=pgqueue.WorkerSettings(durable_claims=durable))
-        relay = pgqueue.Relay(app, dsn, settings=pgqueue.RelaySettings(durable_claims=durable))
-        for store in (worker.store, relay.store):
-            assert store._claimer._synchronous_commit == (None if durable else "off")
-
-
-async def test_a_cron_tick_commits_as_configured_on_the_claiming_session(dsn: str) -> None:
-    configure_database(dsn, "local")
-    store = JobStore(dsn, "pgqueue")
-    # The "enqueue" reports the setting its transaction runs with, as the job id.
-    probe = db.Query(
-        name="probe",
-        text="SELECT CASE current_setting('synchronous_commit') WHEN 'local' THEN 7 ELSE -1 END"
-        " AS job_id",
-    )
-    try:
-        job_id = await store.cron_tick("probe", datetime(2026, 1, 1, tzinfo=UTC), probe, {})
-        assert job_id == 7
-        # The session itself goes on committing claims asynchronously.
-        assert await setting(await store._claimer.get()) == "off"
-    finally:
-        await store.close()
-
-
-def test_a_session_without_override_keeps_the_configured_setting(dsn: str) -> None:
-    configure_database(dsn, "local")
-    with db.connect(dsn, "test") as conn:
-        row = conn.execute("SELECT current_setting('synchronous_commit')").fetchone()
-        assert row == ("local",)
+        assert worker.store._durable_claims is durable

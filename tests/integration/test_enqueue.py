@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -355,3 +356,29 @@ def test_streamed_jobs_follow_a_sqlalchemy_session(dsn: str) -> None:
         assert tuple(count) == (1500, ids[0])
     finally:
         engine.dispose()
+
+
+async def test_single_enqueue_works_whatever_row_factory_the_caller_uses(dsn: str) -> None:
+    with psycopg.connect(dsn, row_factory=dict_row) as conn:
+        plain = pgqueue.enqueue(conn, "t", {"n": 1}, queue="rows")
+        keyed = pgqueue.enqueue(conn, "t", {"n": 2}, queue="rows", ordering_key="k")
+        again = pgqueue.enqueue(conn, "t", {"n": 3}, queue="rows", unique_key="u")
+        assert pgqueue.enqueue(conn, "t", {"n": 4}, queue="rows", unique_key="u") == again
+        conn.commit()
+    async with await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as aconn:
+        async_plain = await pgqueue.enqueue_async(aconn, "t", {"n": 5}, queue="rows")
+        async_keyed = await pgqueue.enqueue_async(
+            aconn, "t", {"n": 6}, queue="rows", ordering_key="k"
+        )
+        await aconn.commit()
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute(
+            "SELECT id, args->>'n' FROM pgqueue.jobs WHERE queue = 'rows' ORDER BY id"
+        ).fetchall()
+    assert stored == [
+        (plain, "1"),
+        (keyed, "2"),
+        (again, "3"),
+        (async_plain, "5"),
+        (async_keyed, "6"),
+    ]
