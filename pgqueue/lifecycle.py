@@ -107,8 +107,9 @@ class ClaimingProcess(Generic[StoreT]):
         stop claiming, let a claim under way return (at most a second), ``drain``.
 
         A claim under way normally returns within a round trip; one stuck reconnecting to an
-        unreachable database is cancelled (its leases expire; rescue follows). An error that
-        ended the fetch loop is raised once claiming stopped, before the drain.
+        unreachable database is cancelled (its leases expire; rescue follows). An unexpected
+        error that ended the fetch loop is raised once claiming stopped, and the drain is
+        skipped: what was in flight then goes back to the queue when its leases expire.
         """
         assert self._stop_event is not None
         fetch = asyncio.create_task(fetch_loop, name="fetch")

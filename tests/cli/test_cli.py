@@ -9,6 +9,9 @@ import sys
 from typing import Any
 
 import psycopg
+import pytest
+
+from pgqueue import App, Job
 
 CANARY = "canary-Pa55word-7f3a"
 
@@ -93,3 +96,44 @@ def test_missing_dsn_and_bad_arguments(empty_dsn: str) -> None:
     assert migrated.returncode == 0
     result = pgqueue("enqueue", "bad task", "--dsn", empty_dsn)
     assert result.returncode == 1 and "invalid task name" in result.stderr
+
+
+OPTIONS_APP = App()
+
+
+@OPTIONS_APP.task(queue="options")
+def noop(job: Job) -> None: ...
+
+
+def test_worker_options_reach_the_worker_settings(
+    empty_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, with the worker's run replaced: what each flag sets, nothing started."""
+    import logging
+
+    from pgqueue.cli import main as cli_main
+    from typer.testing import CliRunner
+
+    from pgqueue.worker import Worker
+
+    seen: list[Any] = []
+
+    def fake_run(self: Worker, **_: Any) -> int:
+        seen.append(self.settings)
+        return 0
+
+    def fake_exit(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(Worker, "run", fake_run)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    monkeypatch.setattr(cli_main, "_setup_logging", lambda *args: None)
+    runner = CliRunner()
+    base = ["worker", "--app", "tests.cli.test_cli:OPTIONS_APP", "--dsn", empty_dsn]
+    for extra in ([], ["--durable-claims", "--no-listen", "--concurrency", "7"]):
+        result = runner.invoke(cli_main.app, [*base, *extra])
+        assert result.exit_code == 0, result.output
+    default, chosen = seen
+    assert (default.durable_claims, default.listen, default.concurrency) == (False, True, 10)
+    assert (chosen.durable_claims, chosen.listen, chosen.concurrency) == (True, False, 7)
