@@ -22,6 +22,9 @@ CONCURRENCY = {
     2: tunable("pgqueue_concurrency_2", 1000),
 }
 BATCH = tunable("pgqueue_batch", 1000)
+# pgqueue's default: a claim of plain jobs does not wait for its flush (README, "The
+# contract"); BENCH_PGQUEUE_DURABLE_CLAIMS=1 makes every claim wait, as the others' do.
+DURABLE_CLAIMS = bool(tunable("pgqueue_durable_claims", 0))
 
 
 class PgQueueProducer:
@@ -54,6 +57,7 @@ class PgQueueSystem:
             "lease_seconds": 30,
             "listen": True,
             "retries": "on (default policy)",
+            "durable_claims": DURABLE_CLAIMS,
         }
 
     async def install(self, dsn: str) -> None:
@@ -71,7 +75,10 @@ class PgQueueSystem:
             handle(payload)
 
         settings = pgqueue.WorkerSettings(
-            concurrency=CONCURRENCY[spec.processes], batch_size=BATCH, lease_seconds=30
+            concurrency=CONCURRENCY[spec.processes],
+            batch_size=BATCH,
+            lease_seconds=30,
+            durable_claims=DURABLE_CLAIMS,
         )
         worker = pgqueue.Worker(app, spec.dsn, queues=[QUEUE], settings=settings)
 
