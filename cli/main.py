@@ -46,13 +46,6 @@ DsnOption = Annotated[
 ListenOption = Annotated[
     bool, typer.Option(help="Use LISTEN/NOTIFY (off behind PgBouncer transaction mode).")
 ]
-DurableClaimsOption = Annotated[
-    bool,
-    typer.Option(
-        help="Every claim waits for the disk flush (default: a claim of plain jobs does not; "
-        "a server crash may take it back, and the job runs again)."
-    ),
-]
 SchemaOption = Annotated[
     str | None,
     typer.Option(
@@ -200,7 +193,13 @@ def worker(
         int | None, typer.Option(min=1, help="Max jobs per claim; default concurrency.")
     ] = None,
     listen: ListenOption = True,
-    durable_claims: DurableClaimsOption = False,
+    durable_claims: Annotated[
+        bool,
+        typer.Option(
+            help="Every claim waits for the disk flush (default: a claim of plain jobs does "
+            "not; a server crash may take it back, and the job runs again)."
+        ),
+    ] = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,

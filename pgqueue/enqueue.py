@@ -224,9 +224,9 @@ def _copy_outcome(row: Mapping[str, Any]) -> str:
     return status
 
 
-def _single(row: dict[str, Any], schema: str | None) -> tuple[db.Query, dict[str, Any], slice]:
-    """The query of a one-job call and where (job_id, status) sit in its row: a plain job
-    takes the short ``enqueue_job`` path.
+def _single(row: dict[str, Any], schema: str | None) -> tuple[db.Query, dict[str, Any]]:
+    """The query of a one-job call: a plain job takes the short ``enqueue_job`` path. Both
+    queries end their row with (job_id, status).
 
     Built straight from the one validated row (no JobSpec, no per-column lists): this runs
     once per producer transaction, and its Python cost is paid on the caller's request path.
@@ -234,17 +234,17 @@ def _single(row: dict[str, Any], schema: str | None) -> tuple[db.Query, dict[str
     queries = db.queries(resolve_schema(schema))
     if row["ordering_key"] is None and row["unique_key"] is None:
         del row["ordering_key"], row["unique_key"]
-        return queries["enqueue_job"], row, slice(0, 2)
-    return queries["enqueue_jobs"], {name: [row[name]] for name in _COLUMNS}, slice(1, 3)
+        return queries["enqueue_job"], row
+    return queries["enqueue_jobs"], {name: [row[name]] for name in _COLUMNS}
 
 
-def _single_id(row: tuple[Any, ...] | None, where: slice, on_duplicate: OnDuplicate) -> int:
+def _single_id(row: tuple[Any, ...] | None, on_duplicate: OnDuplicate) -> int:
     if row is None:
         raise DatabaseError(
             "the enqueue function returned no row: is the schema migrated (pgqueue migrate)?",
             is_transient=False,
         )
-    job_id, status = row[where]
+    job_id, status = row[-2:]
     return interpret([{"job_id": job_id, "status": status}], on_duplicate)[0]
 
 
@@ -280,7 +280,7 @@ def enqueue(
     ...     conn.execute("INSERT INTO orders ...")
     ...     job_id = pgqueue.enqueue(conn, "send_receipt", {"order_id": 42}, queue="email")
     """
-    query, params, where = _single(
+    query, params = _single(
         _validated(
             task,
             {} if args is None else args,
@@ -298,7 +298,7 @@ def enqueue(
         schema,
     )
     found = db.first_row_sync(db.sync_connection(conn), query, params)
-    return _single_id(found, where, on_duplicate)
+    return _single_id(found, on_duplicate)
 
 
 async def enqueue_async(
@@ -320,7 +320,7 @@ async def enqueue_async(
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
 ) -> int:
     """The async twin of :func:`enqueue` (psycopg ``AsyncConnection``, SQLAlchemy async)."""
-    query, params, where = _single(
+    query, params = _single(
         _validated(
             task,
             {} if args is None else args,
@@ -338,7 +338,7 @@ async def enqueue_async(
         schema,
     )
     found = await db.first_row_async(await db.async_connection(conn), query, params)
-    return _single_id(found, where, on_duplicate)
+    return _single_id(found, on_duplicate)
 
 
 def enqueue_many(

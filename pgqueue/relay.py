@@ -101,9 +101,7 @@ class Relay(ClaimingProcess[MessageStore]):
         self.stats = RelayStats()
         self.exit_code = 0
         self.store = MessageStore(
-            dsn,
-            self.schema,
-            keep_history=self.settings.retention_seconds > 0,
+            dsn, self.schema, keep_history=self.settings.retention_seconds > 0
         )
         self.leases: dict[int, uuid.UUID] = {}
         self.lost: set[int] = set()
