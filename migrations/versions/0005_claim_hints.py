@@ -21,11 +21,8 @@ old one can execute the new one (the grants are carried over).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-import sqlalchemy as sa
-from alembic import context, op
+from alembic import context
+from pgqueue.migrations.functions import earlier_definition, replace_function
 
 revision = "0005_claim_hints"
 down_revision = "0004_operations"
@@ -42,56 +39,16 @@ def _schema() -> str:
     return schema_name(context.config.attributes.get("pgqueue_schema") or "pgqueue")
 
 
-def _replace(s: str, old: str, new: str, create: str) -> None:
-    """Drop function ``old``, run ``create`` (function ``new``), keep who may execute it.
-
-    One DO block: the grantees live in a variable, not a temporary table, which would need
-    the TEMPORARY privilege and leave temporary schemas behind in the catalogue.
-    """
-    op.execute(
-        sa.text(
-            f"""
-DO $migrate$
-DECLARE
-    grantees text[];
-BEGIN
-    SELECT coalesce(array_agg(a.grantee::regrole::text), '{{}}') INTO grantees
-    FROM pg_proc AS p, aclexplode(p.proacl) AS a
-    WHERE p.oid = to_regprocedure('"{s}".{old}')
-      AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner;
-    DROP FUNCTION IF EXISTS "{s}".{old};
-    -- A database migrated from a development snapshot may already have the other form.
-    DROP FUNCTION IF EXISTS "{s}".{new};
-    EXECUTE $create${create}$create$;
-    REVOKE ALL ON FUNCTION "{s}".{new} FROM PUBLIC;
-    FOR i IN 1 .. cardinality(grantees) LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION "{s}".{new} TO %s', grantees[i]);
-    END LOOP;
-END
-$migrate$"""
-        )
-    )
-
-
 def upgrade() -> None:
     s = _schema()
-    _replace(s, OLD_SIGNATURE, NEW_SIGNATURE, _claim_jobs(s))
+    replace_function(s, OLD_SIGNATURE, NEW_SIGNATURE, _claim_jobs(s))
 
 
 def downgrade() -> None:
     s = _schema()
-    _replace(s, NEW_SIGNATURE, OLD_SIGNATURE, _previous_claim_jobs(s))
-
-
-def _previous_claim_jobs(s: str) -> str:
-    """The claim_jobs of revision 0002, read from that revision rather than copied here."""
-    path = Path(__file__).with_name("0002_flow_control.py")
-    spec = importlib.util.spec_from_file_location("pgqueue_revision_0002", path)
-    assert spec is not None and spec.loader is not None
-    revision_0002 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(revision_0002)
-    statements: list[str] = revision_0002._functions(s)
-    return next(sql for sql in statements if f'FUNCTION "{s}".claim_jobs(' in sql)
+    # The claim_jobs of revision 0002, read from that revision rather than copied here.
+    previous = earlier_definition(s, "0002_flow_control.py", "claim_jobs")
+    replace_function(s, NEW_SIGNATURE, OLD_SIGNATURE, previous)
 
 
 def _claim_jobs(s: str) -> str:
