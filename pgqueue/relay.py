@@ -165,6 +165,10 @@ class Relay(ClaimingProcess[MessageStore]):
 
     def on_lease_lost(self, ids: set[int]) -> None:
         for message_id in ids:
+            # Delivered and waiting for its write: that write says whether the lease held
+            # (a renewal that ran just after the write deleted the row lands here too).
+            if message_id not in self._in_flight:
+                continue
             if message_id not in self.lost:
                 self.lost.add(message_id)
                 log.warning(
@@ -217,6 +221,8 @@ class Relay(ClaimingProcess[MessageStore]):
                 self._sink_slots[sink.name] = asyncio.Semaphore(max(1, sink.max_in_flight))
             frozen = self.settings.freeze_heap and freeze_startup_heap()
             heartbeat.start()
+            # Settling a key's message leases its next one to this relay (no claim between).
+            self.store.handoff = (self.id, self.lease_seconds)
             background.append(asyncio.create_task(self._settle.run(), name="settle"))
             background.append(asyncio.create_task(self._deadlines.run(), name="deadlines"))
             if self.settings.listen:
@@ -301,7 +307,7 @@ class Relay(ClaimingProcess[MessageStore]):
             except asyncio.TimeoutError:
                 pass
 
-    def _start(self, row: dict[str, Any]) -> None:
+    def _start(self, row: dict[str, Any]) -> _InFlight:
         created: datetime = row["created_at"]
         message = Message(
             id=str(row["message_id"]),
@@ -317,7 +323,9 @@ class Relay(ClaimingProcess[MessageStore]):
         flight = _InFlight(message, row["lease_token"], self.app.route_for(message.topic))
         self.leases[message.sequence] = flight.token
         self._in_flight[message.sequence] = flight
-        self._lanes.push(flight)
+        if not self._stopping:
+            self._lanes.push(flight)
+        return flight
 
     async def _run_on_lane(self, flight: _InFlight, lane: asyncio.Task[None]) -> None:
         flight.task = lane
@@ -472,3 +480,9 @@ class Relay(ClaimingProcess[MessageStore]):
                 self.stats.retried += 1
             elif kind == "fail":
                 self.stats.failed += 1
+        for row in self.store.take_handed_over():
+            flight = self._start(row)
+            if self._stopping:
+                # Taken by a write that began before the shutdown: give it back unattempted.
+                self._in_flight.pop(flight.message.sequence, None)
+                self._record(flight, RELEASE)

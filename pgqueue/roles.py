@@ -32,11 +32,12 @@ _WORKER_FUNCTIONS = (
 )
 _RELAY_FUNCTIONS = (
     "claim_messages(int, uuid, float8)",
-    "complete_messages(bigint[], uuid[], text[], boolean)",
+    "complete_messages(bigint[], uuid[], text[], boolean, uuid, float8)",
     "fail_messages(bigint[], uuid[], text[], text[], boolean[])",
     "rescue_expired_messages(int)",
     "outbox_key_advance(text)",
     "outbox_keys_advance(text[])",
+    "outbox_keys_promote(text[], uuid, float8)",
 )
 _PRODUCER_FUNCTIONS = (
     "prepare_bulk_enqueue(text[], int[], text[], int)",

@@ -121,20 +121,28 @@ class JobStore:
     back); ``durable_claims`` makes every claim wait like any other commit.
     """
 
-    def __init__(self, dsn: str, schema: str, *, durable_claims: bool = False) -> None:
+    def __init__(
+        self, dsn: str, schema: str, *, durable_claims: bool = False, settle_sessions: int = 1
+    ) -> None:
         self._queries = db.queries(schema)
         self._durable_claims = durable_claims
         self._claimer = Reconnecting(dsn, "worker")
-        self._settler = Reconnecting(dsn, "worker")
+        # One per concurrent settle write (see SettleQueue's writers).
+        self._settlers = [Reconnecting(dsn, "worker") for _ in range(settle_sessions)]
+
+    @property
+    def settle_sessions(self) -> int:
+        return len(self._settlers)
 
     async def close(self) -> None:
         await self._claimer.close()
-        await self._settler.close()
+        for settler in self._settlers:
+            await settler.close()
 
     def stop_retrying(self) -> None:
         """From now on, a session that cannot reconnect fails at once instead of retrying."""
-        self._claimer.is_stopping = True
-        self._settler.is_stopping = True
+        for session in (self._claimer, *self._settlers):
+            session.is_stopping = True
 
     async def _run(
         self, session: Reconnecting, name: str, params: Mapping[str, Any]
@@ -213,9 +221,11 @@ class JobStore:
                 await self._claimer.discard()
             raise db.translate_error(exc) from exc
 
-    async def settle(self, batch: Settlement) -> set[int]:
-        """Write every outcome of ``batch``; return the ids whose lease still held."""
-        conn = await self._settler.get()
+    async def settle(self, batch: Settlement, writer: int = 0) -> set[int]:
+        """Write every outcome of ``batch`` on settle session ``writer``; return the ids
+        whose lease still held."""
+        settler = self._settlers[writer]
+        conn = await settler.get()
         written: set[int] = set()
         try:
             # Pipeline mode: the statements travel together, one round trip for all.
@@ -224,15 +234,18 @@ class JobStore:
                 for name, params in self._statements(batch):
                     cursor = conn.cursor()
                     await cursor.execute(self._queries[name].text, params)  # type: ignore[arg-type]
-                    cursors.append(cursor)
-            # Every settle statement returns the id as its first column.
-            for cursor in cursors:
-                written.update(row[0] for row in await cursor.fetchall())
+                    cursors.append((name, cursor))
+            for name, cursor in cursors:
+                self._read_settled(name, await cursor.fetchall(), written)
         except psycopg.Error as exc:
             if conn.closed or db.is_connection_error(exc):
-                await self._settler.discard()
+                await settler.discard()
             raise db.translate_error(exc) from exc
         return written
+
+    def _read_settled(self, name: str, rows: list[tuple[Any, ...]], written: set[int]) -> None:
+        # Every settle statement returns the id of each row it wrote as its first column.
+        written.update(row[0] for row in rows)
 
     def _statements(self, batch: Settlement) -> Sequence[tuple[str, dict[str, Any]]]:
         statements: list[tuple[str, dict[str, Any]]] = []
@@ -300,12 +313,54 @@ class MaintenanceSession:
         self._conn = None
 
 
+# The columns of a message row, as claim_messages and complete_messages return them.
+MESSAGE_COLUMNS = (
+    "id",
+    "lease_token",
+    "message_id",
+    "topic",
+    "key",
+    "payload",
+    "headers",
+    "attempts",
+    "created_at",
+)
+
+
 class MessageStore(JobStore):
-    """The relay's twin of :class:`JobStore`: the same sessions, the outbox statements."""
+    """The relay's twin of :class:`JobStore`: the same sessions, the outbox statements.
+
+    Handoff: while ``handoff`` is set to (relay id, lease seconds), the write that settles
+    a delivered keyed message also leases that key's next message to the relay (see
+    migration 0006); :meth:`take_handed_over` returns those rows, in the order written.
+    """
 
     def __init__(self, dsn: str, schema: str, *, keep_history: bool) -> None:
-        super().__init__(dsn, schema)
+        # Two settle writes may overlap: each hands the relay its keys' next messages, so
+        # a settle write is also the relay's claim, and the next need not wait for a commit.
+        super().__init__(dsn, schema, settle_sessions=2)
         self._keep_history = keep_history
+        self.handoff: tuple[UUID, float] | None = None
+        self._handed_over: list[dict[str, Any]] = []
+
+    def stop_retrying(self) -> None:
+        """Shutdown began: also stop taking messages in settle writes."""
+        super().stop_retrying()
+        self.handoff = None
+
+    def take_handed_over(self) -> list[dict[str, Any]]:
+        rows, self._handed_over = self._handed_over, []
+        return rows
+
+    def _read_settled(self, name: str, rows: list[tuple[Any, ...]], written: set[int]) -> None:
+        if name != "complete_messages":
+            super()._read_settled(name, rows, written)
+            return
+        for row in rows:
+            if row[1] is None:
+                written.add(row[0])
+            else:
+                self._handed_over.append(dict(zip(MESSAGE_COLUMNS, row, strict=True)))
 
     async def claim_messages(
         self, limit: int, *, relay_id: UUID, lease_seconds: float
@@ -328,17 +383,22 @@ class MessageStore(JobStore):
             if name == "complete_jobs":
                 params["sinks"] = [batch.sinks.get(i, "") for i in params["ids"]]
                 params["keep_history"] = self._keep_history
+                relay_id, lease_seconds = self.handoff or (None, None)
+                params["relay_id"] = relay_id
+                params["lease_seconds"] = lease_seconds
             statements.append((renamed[name], params))
         return statements
 
 
 class SettleQueue:
-    """Outcomes waiting to be written, and the one writer that writes them in batches.
+    """Outcomes waiting to be written, and the writers that write them in batches.
 
     Shared by the worker and the relay. Outcomes that arrive while a write is under way
-    accumulate and go in the next write (group commit). A failed write keeps its outcomes
-    in front and retries with backoff: the heartbeat thread keeps their leases alive, and a
-    lease that expires meanwhile means the item runs again (at least once).
+    accumulate and go in the next write (group commit). With more than one writer (one settle
+    session each: the relay's), a writer that is free takes what accumulated while another
+    writes, so the next write starts without waiting for the previous commit. A failed write
+    keeps its outcomes in front and retries with backoff: the heartbeat thread keeps their
+    leases alive, and a lease that expires meanwhile means the item runs again (at least once).
     """
 
     def __init__(
@@ -353,42 +413,55 @@ class SettleQueue:
         self._written = written
         self._what = what
         self._wake = asyncio.Event()
-        # Shutdown waits on this for a write under way instead of cancelling it.
-        self._lock = asyncio.Lock()
+        # Shutdown waits on these for the writes under way instead of cancelling them.
+        self._locks = [asyncio.Lock() for _ in range(store.settle_sessions)]
 
     def notify(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
+        await asyncio.gather(*(self._write_loop(writer) for writer in range(len(self._locks))))
+
+    async def _write_loop(self, writer: int) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            async with self._locks[writer]:
+                await self._write_pending(writer, final=False)
 
     async def flush(self, *, final: bool = False) -> None:
-        async with self._lock:
-            failures = 0
-            while len(self.pending):
-                batch, self.pending = self.pending, Settlement()
-                try:
-                    written = await self._store.settle(batch)
-                except DatabaseError as exc:
-                    failures += 1
-                    self.pending = batch.merged(self.pending)
-                    if failures == 1 or failures % 20 == 0:
-                        log.warning(
-                            "could not write %d %s outcomes (%s); retrying",
-                            len(batch),
-                            self._what,
-                            exc,
-                        )
-                    if isinstance(exc, Stopping) or (final and failures >= 5):
-                        log.error(
-                            "giving up on %d %s outcomes at shutdown; leases will expire",
-                            len(batch),
-                            self._what,
-                        )
-                        return
-                    await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
-                    continue
-                self._written(batch, written)
+        """Write everything pending, after the writes under way (shutdown)."""
+        for lock in self._locks:
+            await lock.acquire()
+        try:
+            await self._write_pending(0, final=final)
+        finally:
+            for lock in self._locks:
+                lock.release()
+
+    async def _write_pending(self, writer: int, *, final: bool) -> None:
+        failures = 0
+        while len(self.pending):
+            batch, self.pending = self.pending, Settlement()
+            try:
+                written = await self._store.settle(batch, writer)
+            except DatabaseError as exc:
+                failures += 1
+                self.pending = batch.merged(self.pending)
+                if failures == 1 or failures % 20 == 0:
+                    log.warning(
+                        "could not write %d %s outcomes (%s); retrying",
+                        len(batch),
+                        self._what,
+                        exc,
+                    )
+                if isinstance(exc, Stopping) or (final and failures >= 5):
+                    log.error(
+                        "giving up on %d %s outcomes at shutdown; leases will expire",
+                        len(batch),
+                        self._what,
+                    )
+                    return
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                continue
+            self._written(batch, written)

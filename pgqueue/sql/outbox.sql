@@ -9,13 +9,16 @@ ORDER BY pos
 
 -- name: claim_messages
 -- Lease up to %(limit)s committed, due messages; only key heads are ever pending.
-SELECT id, message_id, topic, key, payload, headers, attempts, lease_token, created_at
+SELECT id, lease_token, message_id, topic, key, payload, headers, attempts, created_at
 FROM {schema}.claim_messages(%(limit)s, %(relay_id)s, %(lease_seconds)s)
 
 -- name: complete_messages
--- Delivered: delete (keeping history when retention is on) and advance the keys.
-SELECT id FROM {schema}.complete_messages(%(ids)b::bigint[], %(tokens)b::uuid[],
-                                          %(sinks)b::text[], %(keep_history)s) AS id
+-- Delivered: delete (keeping history when retention is on) and move the keys on. Rows with a
+-- lease_token are each key's next message, handed to the relay given (none without one).
+SELECT id, lease_token, message_id, topic, key, payload, headers, attempts, created_at
+FROM {schema}.complete_messages(%(ids)b::bigint[], %(tokens)b::uuid[], %(sinks)b::text[],
+                                %(keep_history)s, %(relay_id)s::uuid,
+                                %(lease_seconds)s::float8)
 
 -- name: retry_messages
 -- Back to pending after a delay on the database clock; a snooze gives the attempt back.

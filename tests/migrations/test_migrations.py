@@ -112,13 +112,46 @@ def test_host_application_env_can_run_pgqueue_revisions(empty_dsn: str) -> None:
     assert migrate.current(empty_dsn) == migrate.head_revision()
 
 
-def test_the_claim_hints_revision_keeps_who_may_claim_both_ways(empty_dsn: str) -> None:
-    """0005 replaces claim_jobs (new parameters): the roles that could run it still can."""
+@pytest.mark.parametrize(
+    ("before", "after", "granted", "replaced", "kept"),
+    [
+        pytest.param(
+            "0004_operations",
+            "0005_claim_hints",
+            ["claim_jobs(text, int, uuid, float8, text[], int[], int)"],
+            ["claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)"],
+            [],
+            id="0005-claim_jobs",
+        ),
+        pytest.param(
+            "0005_claim_hints",
+            "0006_outbox_handoff",
+            [
+                "complete_messages(bigint[], uuid[], text[], boolean)",
+                "outbox_keys_advance(text[])",
+            ],
+            [
+                "complete_messages(bigint[], uuid[], text[], boolean, uuid, float8)",
+                "outbox_keys_promote(text[], uuid, float8)",
+            ],
+            ["outbox_keys_advance(text[])"],
+            id="0006-complete_messages",
+        ),
+    ],
+)
+def test_a_revision_that_replaces_functions_keeps_who_may_run_them_both_ways(
+    empty_dsn: str,
+    before: str,
+    after: str,
+    granted: list[str],
+    replaced: list[str],
+    kept: list[str],
+) -> None:
+    """A revision that drops and creates functions (new parameters, new results) grants the
+    new ones to the roles that could run the old ones, and its downgrade does the reverse."""
     from alembic import command
 
-    role = f"t{uuid.uuid4().hex[:8]}_claimer"
-    old = "pgqueue.claim_jobs(text, int, uuid, float8, text[], int[], int)"
-    new = "pgqueue.claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)"
+    role = f"t{uuid.uuid4().hex[:8]}_runner"
 
     def migrate_to(revision: str, downgrade: bool = False) -> None:
         engine = _engine(empty_dsn)
@@ -131,35 +164,40 @@ def test_the_claim_hints_revision_keeps_who_may_claim_both_ways(empty_dsn: str) 
         finally:
             engine.dispose()
 
-    def may_execute(signature: str) -> bool | None:
+    def may_execute(function: str, grantee: str = role) -> bool | None:
+        signature = f"pgqueue.{function}"
         with psycopg.connect(empty_dsn) as conn:
             if conn.execute("SELECT to_regprocedure(%s)", (signature,)).fetchone() == (None,):
                 return None  # no such function
             row = conn.execute(
-                "SELECT has_function_privilege(%s, %s, 'EXECUTE')", (role, signature)
+                "SELECT has_function_privilege(%s, %s, 'EXECUTE')", (grantee, signature)
             ).fetchone()
             return None if row is None else bool(row[0])
 
-    migrate_to("0004_operations")
+    migrate_to(before)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgqueue TO {}").format(sql.Identifier(role)))
-        conn.execute(
-            sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(old), sql.Identifier(role))
-        )
+        for function in granted:
+            conn.execute(
+                sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                    sql.SQL(f"pgqueue.{function}"), sql.Identifier(role)
+                )
+            )
     try:
-        assert may_execute(old) is True
-        migrate.upgrade(empty_dsn)
-        assert migrate.current(empty_dsn) == migrate.head_revision() == "0005_claim_hints"
-        assert may_execute(old) is None and may_execute(new) is True
-        with psycopg.connect(empty_dsn) as conn:
-            # PUBLIC may not run it (0004 revoked functions from PUBLIC; this one too).
-            row = conn.execute(
-                "SELECT has_function_privilege('public', %s, 'EXECUTE')", (new,)
-            ).fetchone()
-            assert row == (False,)
-        migrate_to("0004_operations", downgrade=True)
-        assert may_execute(new) is None and may_execute(old) is True
+        assert all(may_execute(function) is True for function in granted)
+        migrate_to(after)
+        assert migrate.current(empty_dsn) == after
+        gone = [f for f in granted if f not in kept]
+        assert [may_execute(f) for f in gone] == [None] * len(gone)
+        assert all(may_execute(f) is True for f in (*replaced, *kept))
+        # PUBLIC may not run them (0004 revoked functions from PUBLIC; these too).
+        assert [may_execute(f, "public") for f in replaced] == [False] * len(replaced)
+        migrate_to(before, downgrade=True)
+        assert [may_execute(f) for f in replaced if f not in granted] == [None] * len(
+            [f for f in replaced if f not in granted]
+        )
+        assert all(may_execute(function) is True for function in granted)
     finally:
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
