@@ -53,6 +53,13 @@ SchemaOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+LoopOption = Annotated[
+    str,
+    typer.Option(
+        "--event-loop",
+        help="auto (uvloop when installed: pip install 'pgqueue[uvloop]'), asyncio or uvloop.",
+    ),
+]
 
 
 def friendly(function: F) -> F:
@@ -203,6 +210,7 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
+    event_loop: LoopOption = "auto",
     dsn: DsnOption = None,
     schema: SchemaOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
@@ -224,6 +232,7 @@ def worker(
         listen=listen,
         durable_claims=durable_claims,
         metrics_port=metrics_port,
+        event_loop=event_loop,
     )
     runner = Worker(tasks, resolve_dsn(dsn), queues=queue or None, schema=schema, settings=settings)
     code = runner.run()
@@ -254,6 +263,7 @@ def relay(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
+    event_loop: LoopOption = "auto",
     dsn: DsnOption = None,
     schema: SchemaOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
@@ -274,6 +284,7 @@ def relay(
         retention_seconds=retention_seconds,
         listen=listen,
         metrics_port=metrics_port,
+        event_loop=event_loop,
     )
     runner = Relay(routes, resolve_dsn(dsn), schema=schema, settings=settings)
     raise typer.Exit(runner.run())

@@ -19,7 +19,14 @@ from pgqueue.config import resolve_schema
 from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.lanes import Lanes
-from pgqueue.lifecycle import ClaimingProcess, freeze_startup_heap, thaw_heap, wind_down
+from pgqueue.lifecycle import (
+    EVENT_LOOPS,
+    ClaimingProcess,
+    freeze_startup_heap,
+    run_event_loop,
+    thaw_heap,
+    wind_down,
+)
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.outbox import outbox_channel
@@ -47,8 +54,12 @@ class RelaySettings:
     breaker_cooldown_seconds: float = 2.0
     metrics_port: int | None = None
     freeze_heap: bool = True  # gc.freeze() once started: see lifecycle.freeze_startup_heap
+    # "auto" (uvloop when installed), "asyncio" or "uvloop": see lifecycle.run_event_loop.
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if self.concurrency < 1 or self.batch_size < 1:
             raise ValueError("concurrency and batch_size must be >= 1")
         if not self.lease_seconds > 0 or not self.poll_seconds > 0:
@@ -179,7 +190,9 @@ class Relay(ClaimingProcess[MessageStore]):
 
     def run(self, *, install_signals: bool = True) -> int:
         """Run until SIGTERM/SIGINT (first: graceful; second: immediate exit)."""
-        return asyncio.run(self.run_async(install_signals=install_signals))
+        return run_event_loop(
+            self.run_async(install_signals=install_signals), self.settings.event_loop
+        )
 
     def _on_signal(self, signum: int) -> None:
         if self._stopping:

@@ -24,7 +24,14 @@ from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
 from pgqueue.lanes import Lanes
-from pgqueue.lifecycle import ClaimingProcess, freeze_startup_heap, thaw_heap, wind_down
+from pgqueue.lifecycle import (
+    EVENT_LOOPS,
+    ClaimingProcess,
+    freeze_startup_heap,
+    run_event_loop,
+    thaw_heap,
+    wind_down,
+)
 from pgqueue.listener import Listener
 from pgqueue.metrics import Metrics
 from pgqueue.names import queue_name
@@ -60,8 +67,12 @@ class WorkerSettings:
     # Every claim waits for its commit to reach disk (by default a claim of plain jobs in a
     # queue without limits does not: README, "The contract").
     durable_claims: bool = False
+    # "auto" (uvloop when installed), "asyncio" or "uvloop": see lifecycle.run_event_loop.
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if not self.lease_seconds > 0:
@@ -149,7 +160,9 @@ class Worker(ClaimingProcess[JobStore]):
 
     def run(self, *, install_signals: bool = True) -> int:
         """Run until SIGTERM/SIGINT (first: graceful; second: immediate exit)."""
-        return asyncio.run(self.run_async(install_signals=install_signals))
+        return run_event_loop(
+            self.run_async(install_signals=install_signals), self.settings.event_loop
+        )
 
     def _on_signal(self, signum: int) -> None:
         if self._stopping:

@@ -7,6 +7,7 @@ Leases, fencing, retries and dead-lettering stay on: the worker below is the sto
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import psycopg
 
 import pgqueue
 from pgqueue import migrate
+from pgqueue.lifecycle import run_event_loop
 from systems import Payload, WorkerSpec, run_until_stopped, tunable
 
 QUEUE = "bench"
@@ -25,6 +27,9 @@ BATCH = tunable("pgqueue_batch", 1000)
 # pgqueue's default: a claim of plain jobs does not wait for its flush (README, "The
 # contract"); BENCH_PGQUEUE_DURABLE_CLAIMS=1 makes every claim wait, as the others' do.
 DURABLE_CLAIMS = bool(tunable("pgqueue_durable_claims", 0))
+# pgqueue's default: uvloop when installed (it is, in bench/.venv). BENCH_PGQUEUE_EVENT_LOOP=
+# asyncio keeps the standard loop.
+EVENT_LOOP = os.environ.get("BENCH_PGQUEUE_EVENT_LOOP", "auto")
 
 
 class PgQueueProducer:
@@ -58,6 +63,7 @@ class PgQueueSystem:
             "listen": True,
             "retries": "on (default policy)",
             "durable_claims": DURABLE_CLAIMS,
+            "event_loop": EVENT_LOOP,
         }
 
     async def install(self, dsn: str) -> None:
@@ -79,6 +85,7 @@ class PgQueueSystem:
             batch_size=BATCH,
             lease_seconds=30,
             durable_claims=DURABLE_CLAIMS,
+            event_loop=EVENT_LOOP,
         )
         worker = pgqueue.Worker(app, spec.dsn, queues=[QUEUE], settings=settings)
 
@@ -88,7 +95,7 @@ class PgQueueSystem:
             worker.request_stop()
             await run
 
-        asyncio.run(main())
+        run_event_loop(main(), EVENT_LOOP)
 
 
 def create() -> PgQueueSystem:

@@ -131,9 +131,13 @@ def test_worker_options_reach_the_worker_settings(
     monkeypatch.setattr(cli_main, "_setup_logging", lambda *args: None)
     runner = CliRunner()
     base = ["worker", "--app", "tests.cli.test_cli:OPTIONS_APP", "--dsn", empty_dsn]
-    for extra in ([], ["--durable-claims", "--no-listen", "--concurrency", "7"]):
+    chosen_flags = ["--durable-claims", "--no-listen", "--concurrency", "7"]
+    for extra in ([], [*chosen_flags, "--event-loop", "asyncio"]):
         result = runner.invoke(cli_main.app, [*base, *extra])
         assert result.exit_code == 0, result.output
     default, chosen = seen
     assert (default.durable_claims, default.listen, default.concurrency) == (False, True, 10)
     assert (chosen.durable_claims, chosen.listen, chosen.concurrency) == (True, False, 7)
+    assert (default.event_loop, chosen.event_loop) == ("auto", "asyncio")
+    bad = runner.invoke(cli_main.app, [*base, "--event-loop", "trio"])
+    assert bad.exit_code != 0 and "event_loop must be one of" in bad.output
