@@ -114,13 +114,13 @@ def translate_error(exc: BaseException) -> PgQueueError:
     if isinstance(exc, PgQueueError):
         return exc
     sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(exc, (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName)) or sqlstate in (
-        "42P01",
-        "3F000",
-    ):
+    if isinstance(
+        exc, (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName, pg_errors.UndefinedFunction)
+    ) or sqlstate in ("42P01", "3F000", "42883"):
+        # A missing function is a schema older than this code (or never migrated).
         return SchemaNotReady(
-            "the pgqueue schema is missing or incomplete in this database: "
-            "run `pgqueue migrate` (or pgqueue.migrate.upgrade(dsn)) first"
+            "the pgqueue schema is missing, incomplete or older than this pgqueue in this "
+            "database: run `pgqueue migrate` (or pgqueue.migrate.upgrade(dsn)) first"
         )
     if isinstance(exc, psycopg.ProgrammingError) and sqlstate is None:
         # libpq could not parse the DSN; its message may quote a piece of it (a password).

@@ -90,6 +90,7 @@ class ClaimingProcess(Generic[StoreT]):
 
     store: StoreT
     _lanes: _Lanes
+    exit_code: int
 
     def _init_lifecycle(self) -> None:
         self._stopping = False
@@ -110,6 +111,15 @@ class ClaimingProcess(Generic[StoreT]):
 
     def _on_signal(self, signum: int) -> None:
         raise NotImplementedError
+
+    def _schema_error(self, exc: Exception) -> None:
+        """Outcomes cannot be written with this schema (older than the code): stop, exit 3.
+
+        Claiming on would only pile up work whose results cannot be recorded.
+        """
+        self.exit_code = 3
+        assert self._stop_event is not None
+        self._stop_event.set()
 
     def _start_lifecycle(self, install_signals: bool) -> None:
         """Create the events on the running loop; route SIGTERM/SIGINT to ``_on_signal``."""

@@ -133,7 +133,9 @@ class Relay(ClaimingProcess[MessageStore]):
             watch_resolution(min(route.timeout_seconds for route in app.routes))
         )
         self._sink_slots: dict[str, asyncio.Semaphore] = {}
-        self._settle = SettleQueue(self.store, self._count, what="delivery")
+        self._settle = SettleQueue(
+            self.store, self._count, what="delivery", on_schema_error=self._schema_error
+        )
         self._init_lifecycle()
 
     # ------------------------------------------------------------ heartbeat hooks
@@ -333,6 +335,8 @@ class Relay(ClaimingProcess[MessageStore]):
             created_at=created,
         )
         self.stats.claimed += 1
+        # A lease lost by an earlier claim of this row does not concern this one.
+        self.lost.discard(message.sequence)
         flight = _InFlight(message, row["lease_token"], self.app.route_for(message.topic))
         self.leases[message.sequence] = flight.token
         self._in_flight[message.sequence] = flight

@@ -33,6 +33,7 @@ _WORKER_FUNCTIONS = (
 _RELAY_FUNCTIONS = (
     "claim_messages(int, uuid, float8)",
     "complete_messages(bigint[], uuid[], text[], boolean, uuid, float8)",
+    "complete_messages(bigint[], uuid[], text[], boolean)",  # for relays of 0005's version
     "fail_messages(bigint[], uuid[], text[], text[], boolean[])",
     "rescue_expired_messages(int)",
     "outbox_key_advance(text)",

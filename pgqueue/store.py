@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 
 from pgqueue import db
 from pgqueue.claims import ClaimHint, hint_params
-from pgqueue.errors import DatabaseError
+from pgqueue.errors import DatabaseError, SchemaNotReady
 from pgqueue.outcome import Outcome
 
 log = logging.getLogger("pgqueue.worker")
@@ -121,28 +121,20 @@ class JobStore:
     back); ``durable_claims`` makes every claim wait like any other commit.
     """
 
-    def __init__(
-        self, dsn: str, schema: str, *, durable_claims: bool = False, settle_sessions: int = 1
-    ) -> None:
+    def __init__(self, dsn: str, schema: str, *, durable_claims: bool = False) -> None:
         self._queries = db.queries(schema)
         self._durable_claims = durable_claims
         self._claimer = Reconnecting(dsn, "worker")
-        # One per concurrent settle write (see SettleQueue's writers).
-        self._settlers = [Reconnecting(dsn, "worker") for _ in range(settle_sessions)]
-
-    @property
-    def settle_sessions(self) -> int:
-        return len(self._settlers)
+        self._settler = Reconnecting(dsn, "worker")
 
     async def close(self) -> None:
         await self._claimer.close()
-        for settler in self._settlers:
-            await settler.close()
+        await self._settler.close()
 
     def stop_retrying(self) -> None:
         """From now on, a session that cannot reconnect fails at once instead of retrying."""
-        for session in (self._claimer, *self._settlers):
-            session.is_stopping = True
+        self._claimer.is_stopping = True
+        self._settler.is_stopping = True
 
     async def _run(
         self, session: Reconnecting, name: str, params: Mapping[str, Any]
@@ -221,11 +213,9 @@ class JobStore:
                 await self._claimer.discard()
             raise db.translate_error(exc) from exc
 
-    async def settle(self, batch: Settlement, writer: int = 0) -> set[int]:
-        """Write every outcome of ``batch`` on settle session ``writer``; return the ids
-        whose lease still held."""
-        settler = self._settlers[writer]
-        conn = await settler.get()
+    async def settle(self, batch: Settlement) -> set[int]:
+        """Write every outcome of ``batch``; return the ids whose lease still held."""
+        conn = await self._settler.get()
         written: set[int] = set()
         try:
             # Pipeline mode: the statements travel together, one round trip for all.
@@ -239,7 +229,7 @@ class JobStore:
                 self._read_settled(name, await cursor.fetchall(), written)
         except psycopg.Error as exc:
             if conn.closed or db.is_connection_error(exc):
-                await settler.discard()
+                await self._settler.discard()
             raise db.translate_error(exc) from exc
         return written
 
@@ -331,14 +321,12 @@ class MessageStore(JobStore):
     """The relay's twin of :class:`JobStore`: the same sessions, the outbox statements.
 
     Handoff: while ``handoff`` is set to (relay id, lease seconds), the write that settles
-    a delivered keyed message also leases that key's next message to the relay (see
+    a delivered keyed message may also lease that key's next message to the relay (see
     migration 0006); :meth:`take_handed_over` returns those rows, in the order written.
     """
 
     def __init__(self, dsn: str, schema: str, *, keep_history: bool) -> None:
-        # Two settle writes may overlap: each hands the relay its keys' next messages, so
-        # a settle write is also the relay's claim, and the next need not wait for a commit.
-        super().__init__(dsn, schema, settle_sessions=2)
+        super().__init__(dsn, schema)
         self._keep_history = keep_history
         self.handoff: tuple[UUID, float] | None = None
         self._handed_over: list[dict[str, Any]] = []
@@ -391,14 +379,15 @@ class MessageStore(JobStore):
 
 
 class SettleQueue:
-    """Outcomes waiting to be written, and the writers that write them in batches.
+    """Outcomes waiting to be written, and the one writer that writes them in batches.
 
     Shared by the worker and the relay. Outcomes that arrive while a write is under way
-    accumulate and go in the next write (group commit). With more than one writer (one settle
-    session each: the relay's), a writer that is free takes what accumulated while another
-    writes, so the next write starts without waiting for the previous commit. A failed write
-    keeps its outcomes in front and retries with backoff: the heartbeat thread keeps their
-    leases alive, and a lease that expires meanwhile means the item runs again (at least once).
+    accumulate and go in the next write (group commit). A failed write keeps its outcomes
+    in front and retries with backoff: the heartbeat thread keeps their leases alive, and a
+    lease that expires meanwhile means the item runs again (at least once). Once the final
+    flush of a shutdown is asked for, a write that keeps failing hands over to it (which
+    gives up after a few tries). A schema that lacks what the write needs (not migrated to
+    this version) is not retried: ``on_schema_error`` is told, and the process stops.
     """
 
     def __init__(
@@ -407,61 +396,60 @@ class SettleQueue:
         written: Callable[[Settlement, set[int]], None],
         *,
         what: str,
+        on_schema_error: Callable[[SchemaNotReady], None],
     ) -> None:
         self.pending = Settlement()
         self._store = store
         self._written = written
         self._what = what
+        self._on_schema_error = on_schema_error
         self._wake = asyncio.Event()
-        # Shutdown waits on these for the writes under way instead of cancelling them.
-        self._locks = [asyncio.Lock() for _ in range(store.settle_sessions)]
+        # Shutdown waits on this for a write under way instead of cancelling it.
+        self._lock = asyncio.Lock()
+        self._final_asked = False
 
     def notify(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._write_loop(writer) for writer in range(len(self._locks))))
-
-    async def _write_loop(self, writer: int) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            async with self._locks[writer]:
-                await self._write_pending(writer, final=False)
+            await self.flush()
 
     async def flush(self, *, final: bool = False) -> None:
-        """Write everything pending, after the writes under way (shutdown)."""
-        for lock in self._locks:
-            await lock.acquire()
-        try:
-            await self._write_pending(0, final=final)
-        finally:
-            for lock in self._locks:
-                lock.release()
-
-    async def _write_pending(self, writer: int, *, final: bool) -> None:
-        failures = 0
-        while len(self.pending):
-            batch, self.pending = self.pending, Settlement()
-            try:
-                written = await self._store.settle(batch, writer)
-            except DatabaseError as exc:
-                failures += 1
-                self.pending = batch.merged(self.pending)
-                if failures == 1 or failures % 20 == 0:
-                    log.warning(
-                        "could not write %d %s outcomes (%s); retrying",
-                        len(batch),
-                        self._what,
-                        exc,
-                    )
-                if isinstance(exc, Stopping) or (final and failures >= 5):
-                    log.error(
-                        "giving up on %d %s outcomes at shutdown; leases will expire",
-                        len(batch),
-                        self._what,
-                    )
+        if final:
+            self._final_asked = True
+        async with self._lock:
+            failures = 0
+            while len(self.pending):
+                batch, self.pending = self.pending, Settlement()
+                try:
+                    written = await self._store.settle(batch)
+                except SchemaNotReady as exc:
+                    self.pending = batch.merged(self.pending)
+                    log.error("could not write %d %s outcomes: %s", len(batch), self._what, exc)
+                    self._on_schema_error(exc)
                     return
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
-                continue
-            self._written(batch, written)
+                except DatabaseError as exc:
+                    failures += 1
+                    self.pending = batch.merged(self.pending)
+                    if not final and self._final_asked:
+                        return  # the shutdown's final flush takes over
+                    if failures == 1 or failures % 20 == 0:
+                        log.warning(
+                            "could not write %d %s outcomes (%s); retrying",
+                            len(batch),
+                            self._what,
+                            exc,
+                        )
+                    if isinstance(exc, Stopping) or (final and failures >= 5):
+                        log.error(
+                            "giving up on %d %s outcomes at shutdown; leases will expire",
+                            len(batch),
+                            self._what,
+                        )
+                        return
+                    await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                    continue
+                self._written(batch, written)

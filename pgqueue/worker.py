@@ -130,7 +130,9 @@ class Worker(ClaimingProcess[JobStore]):
         self.leases: dict[int, uuid.UUID] = {}
         self.lost: set[int] = set()
         self._labels: dict[int, tuple[str, str]] = {}
-        self._settle = SettleQueue(self.store, self._count, what="job")
+        self._settle = SettleQueue(
+            self.store, self._count, what="job", on_schema_error=self._schema_error
+        )
         self._lanes: Lanes[_Running] = Lanes(
             self._run_on_lane, self.settings.concurrency, fan_out="on_wait", name="lane"
         )

@@ -7,6 +7,7 @@ with or without a relay to hand to, and read the rows back.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
@@ -186,3 +187,65 @@ def test_a_lease_renewal_racing_the_write_of_a_delivered_message_is_not_a_lost_l
     relay = Relay(app, dsn, settings=RelaySettings())
     relay.on_lease_lost({41})
     assert relay.lost == set()
+
+
+def test_the_previous_form_of_complete_messages_still_works_and_hands_nothing_over(
+    dsn: str,
+) -> None:
+    # What a relay of the previous version calls while a deployment rolls: delete, advance.
+    ids = _publish(dsn, [OutboxMessage("t.x", {"n": n}, key="k") for n in range(2)])
+    relay_id = uuid.uuid4()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        [(head, token)] = conn.execute(
+            "SELECT id, lease_token FROM pgqueue.claim_messages(10, %s, 30)", [relay_id]
+        ).fetchall()
+        written = conn.execute(
+            "SELECT * FROM pgqueue.complete_messages(%s::bigint[], %s::uuid[], %s::text[], false)",
+            [[head], [token], ["sink"]],
+        ).fetchall()
+        assert written == [(head,)]
+    assert _rows(dsn)[ids[1]]["state"] == "pending"
+
+
+def test_advancing_a_key_by_hand_counts_what_it_moved(dsn: str) -> None:
+    ids = _publish(dsn, [OutboxMessage("t.x", {"n": n}, key="k") for n in range(2)])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM pgqueue.outbox WHERE message_id = %s", [ids[0]])
+        [(moved,)] = conn.execute("SELECT pgqueue.outbox_keys_advance(ARRAY['k'])").fetchall()
+    assert moved == 1 and _rows(dsn)[ids[1]]["state"] == "pending"
+
+
+def test_a_relay_newer_than_the_schema_stops_with_exit_code_3_instead_of_piling_up(
+    empty_dsn: str,
+) -> None:
+    # A relay of this version against a schema at 0005: claims work, the settle write does
+    # not (complete_messages lacks the handoff form). The relay must stop, not deliver on.
+    from alembic import command
+    from sqlalchemy import create_engine, pool
+
+    from pgqueue import migrate
+
+    engine = create_engine(
+        "postgresql+psycopg://" + empty_dsn.split("://", 1)[1], poolclass=pool.NullPool
+    )
+    try:
+        with engine.connect() as connection:
+            config = migrate._config("pgqueue")
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0005_claim_hints")
+            connection.commit()
+    finally:
+        engine.dispose()
+    _publish(empty_dsn, [OutboxMessage("t.x", {"n": n}, key=f"k{n % 5}") for n in range(50)])
+    delivered: list[int] = []
+    app = pgqueue.App()
+    app.route("*", CallableSink("record", lambda message: delivered.append(message.payload["n"])))
+    relay = Relay(app, empty_dsn, settings=RelaySettings(lease_seconds=5, poll_seconds=0.1))
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(relay.run(install_signals=False)))
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the relay kept running against an older schema"
+    assert codes == [3]
+    # It stopped at its first settle write: the first claim's five heads at most.
+    assert len(delivered) <= 5

@@ -379,3 +379,27 @@ def test_a_running_worker_freezes_the_start_up_heap_and_thaws_it_when_it_stops(d
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_stop_is_not_held_up_by_a_settle_write_that_keeps_failing(dsn: str) -> None:
+    # Every write of outcomes fails (a constraint the counter cannot meet): the writer
+    # retries, and a graceful stop hands over to the final flush, which gives up after a
+    # few tries; the leases then expire and the jobs run again elsewhere.
+    app = pgqueue.App()
+
+    @app.task
+    async def quick(job: pgqueue.Job, n: int) -> None:
+        pass
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "ALTER TABLE pgqueue.queue_throughput"
+            " ADD CONSTRAINT refuse_all CHECK (completed < 0) NOT VALID"
+        )
+    ids = [enqueue(dsn, "quick", {"n": n}) for n in range(5)]
+    with running_worker(app, dsn, shutdown_grace_seconds=1.0) as worker:
+        wait_until(lambda: worker.stats.claimed == 5)
+        time.sleep(1.0)  # the writer is now retrying with backoff
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 20
+    assert scalar(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%s)", (ids,)) == 5

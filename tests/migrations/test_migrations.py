@@ -134,7 +134,10 @@ def test_host_application_env_can_run_pgqueue_revisions(empty_dsn: str) -> None:
                 "complete_messages(bigint[], uuid[], text[], boolean, uuid, float8)",
                 "outbox_keys_promote(text[], uuid, float8)",
             ],
-            ["outbox_keys_advance(text[])"],
+            [
+                "complete_messages(bigint[], uuid[], text[], boolean)",
+                "outbox_keys_advance(text[])",
+            ],
             id="0006-complete_messages",
         ),
     ],
