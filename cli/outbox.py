@@ -85,6 +85,7 @@ def requeue(
         resolved = resolve_schema(schema)
         queries = db.queries(resolved)
         with db.connect(resolve_dsn(dsn), "cli", autocommit=False) as conn:
+            db.run_sync(conn, queries["lock_requeued_message_keys"], params)
             rows = db.run_sync(conn, queries["requeue_dead_messages"], params)
             if dry_run:
                 conn.rollback()

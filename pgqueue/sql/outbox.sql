@@ -99,9 +99,23 @@ SELECT coalesce(l.topic, d.topic) AS topic,
 FROM live AS l FULL JOIN dead AS d ON d.topic = l.topic
 ORDER BY 1
 
+-- name: lock_requeued_message_keys
+-- Before requeue_dead_messages, in the same transaction: lock (and bump, as publishers and
+-- relays do) the keys of the dead messages it will move, in key order, so that its check
+-- for a live message of each key sees every publish and promotion of that key.
+UPDATE {schema}.ordering_keys SET updated_at = now()
+WHERE (scope, key) IN (
+    SELECT k.scope, k.key FROM {schema}.ordering_keys AS k
+    WHERE k.scope = 'outbox' AND k.key IN (
+        SELECT d.key FROM {schema}.outbox_dead AS d
+        WHERE d.key IS NOT NULL
+          AND (%(topic)s::text IS NULL OR d.topic = %(topic)s)
+          AND (%(ids)b::bigint[] IS NULL OR d.id = ANY(%(ids)b::bigint[])))
+    ORDER BY k.key FOR UPDATE)
+
 -- name: requeue_dead_messages
 -- Move dead messages back to the outbox (same message id): a key's blocking head goes
--- back as its head; others rejoin their key's line.
+-- back as its head; others rejoin their key's line. Run lock_requeued_message_keys first.
 WITH picked AS (
     DELETE FROM {schema}.outbox_dead AS d
     WHERE (%(topic)s::text IS NULL OR d.topic = %(topic)s)

@@ -274,3 +274,52 @@ def test_relay_for_an_app_without_routes_says_so(dsn: str) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "the app has no outbox routes" in result.stderr
+
+
+def test_a_requeue_racing_a_publish_of_the_same_key_leaves_one_live_message(dsn: str) -> None:
+    # Key k: a dead message that does not block it, nothing live. A publish of k is under
+    # way (uncommitted) while the operator requeues the dead one: the requeue waits for the
+    # key, sees the new head, and rejoins the line behind it (one live message per key).
+    relay_id = uuid.uuid4()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgqueue.publish(conn, "t.x", {"n": 0}, key="k")
+        [(head, token)] = conn.execute(
+            "SELECT id, lease_token FROM pgqueue.claim_messages(10, %s, 30)", [relay_id]
+        ).fetchall()
+        conn.execute(
+            "SELECT pgqueue.fail_messages(%s::bigint[], %s::uuid[], %s::text[], %s::text[],"
+            " %s::boolean[])",
+            [[head], [token], ["rejected"], ["no"], [False]],
+        )
+    publisher = psycopg.connect(dsn)
+    try:
+        pgqueue.publish(publisher, "t.x", {"n": 1}, key="k")  # open transaction
+        requeue = subprocess.Popen(
+            [sys.executable, "-m", "pgqueue.cli.main", "outbox", "requeue", "--all", "--dsn", dsn],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # The requeue waits on the key's lock held by the publisher.
+        wait_until(
+            lambda: query(
+                dsn,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%%ordering_keys%%'",
+            ),
+            20,
+            "the requeue to wait for the key",
+        )
+        publisher.commit()
+        _, err = requeue.communicate(timeout=30)
+        assert requeue.returncode == 0, err
+    finally:
+        publisher.close()
+    states = {
+        r["n"]: r["state"]
+        for r in query(
+            dsn, "SELECT (payload->>'n')::int AS n, state FROM pgqueue.outbox WHERE key = 'k'"
+        )
+    }
+    assert states == {0: "waiting", 1: "pending"}, states
