@@ -44,6 +44,12 @@ EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 T = TypeVar("T")
 
 
+def check_event_loop(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of EVENT_LOOPS (for the settings)."""
+    if name not in EVENT_LOOPS:
+        raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, not {name!r}")
+
+
 def run_event_loop(main: Coroutine[Any, Any, T], event_loop: str) -> T:
     """``asyncio.run(main)`` on the event loop named (one of EVENT_LOOPS).
 
@@ -51,9 +57,11 @@ def run_event_loop(main: Coroutine[Any, Any, T], event_loop: str) -> T:
     standard loop otherwise. uvloop's C event loop and transports cut the relay's CPU per
     delivery by about a tenth (bench/RESULTS.md); ``asyncio`` keeps the standard loop.
     """
-    if event_loop not in EVENT_LOOPS:
-        main.close()
-        raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, not {event_loop!r}")
+    try:
+        check_event_loop(event_loop)
+    except ValueError:
+        main.close()  # never run: no "coroutine was never awaited" warning
+        raise
     if event_loop != "asyncio":
         try:
             import uvloop

@@ -20,8 +20,8 @@ from pgqueue.errors import ConfigurationError, DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.lanes import Lanes
 from pgqueue.lifecycle import (
-    EVENT_LOOPS,
     ClaimingProcess,
+    check_event_loop,
     freeze_startup_heap,
     run_event_loop,
     thaw_heap,
@@ -58,8 +58,7 @@ class RelaySettings:
     event_loop: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.event_loop not in EVENT_LOOPS:
-            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
+        check_event_loop(self.event_loop)
         if self.concurrency < 1 or self.batch_size < 1:
             raise ValueError("concurrency and batch_size must be >= 1")
         if not self.lease_seconds > 0 or not self.poll_seconds > 0:
@@ -322,7 +321,7 @@ class Relay(ClaimingProcess[MessageStore]):
             except asyncio.TimeoutError:
                 pass
 
-    def _start(self, row: dict[str, Any]) -> _InFlight:
+    def _start(self, row: dict[str, Any]) -> None:
         created: datetime = row["created_at"]
         message = Message(
             id=str(row["message_id"]),
@@ -339,10 +338,13 @@ class Relay(ClaimingProcess[MessageStore]):
         self.lost.discard(message.sequence)
         flight = _InFlight(message, row["lease_token"], self.app.route_for(message.topic))
         self.leases[message.sequence] = flight.token
+        if self._stopping:
+            # Claimed, or handed over, by a write that began before the shutdown: give it
+            # back at once, unattempted.
+            self._record(flight, RELEASE)
+            return
         self._in_flight[message.sequence] = flight
-        if not self._stopping:
-            self._lanes.push(flight)
-        return flight
+        self._lanes.push(flight)
 
     async def _run_on_lane(self, flight: _InFlight, lane: asyncio.Task[None]) -> None:
         flight.task = lane
@@ -498,8 +500,4 @@ class Relay(ClaimingProcess[MessageStore]):
             elif kind == "fail":
                 self.stats.failed += 1
         for row in self.store.take_handed_over():
-            flight = self._start(row)
-            if self._stopping:
-                # Taken by a write that began before the shutdown: give it back unattempted.
-                self._in_flight.pop(flight.message.sequence, None)
-                self._record(flight, RELEASE)
+            self._start(row)

@@ -25,8 +25,8 @@ from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
 from pgqueue.lanes import Lanes
 from pgqueue.lifecycle import (
-    EVENT_LOOPS,
     ClaimingProcess,
+    check_event_loop,
     freeze_startup_heap,
     run_event_loop,
     thaw_heap,
@@ -71,8 +71,7 @@ class WorkerSettings:
     event_loop: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.event_loop not in EVENT_LOOPS:
-            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
+        check_event_loop(self.event_loop)
         if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if not self.lease_seconds > 0:

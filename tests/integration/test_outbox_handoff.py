@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
@@ -17,7 +18,8 @@ from psycopg.rows import dict_row
 import pgqueue
 from pgqueue import OutboxMessage
 from pgqueue.outcome import Outcome
-from pgqueue.relay import Relay, RelaySettings
+from pgqueue.relay import Relay, RelaySettings, _InFlight
+from pgqueue.sinks import Message
 from pgqueue.sinks.local import CallableSink
 from pgqueue.store import MessageStore, Settlement
 
@@ -182,11 +184,55 @@ def test_a_lease_renewal_racing_the_write_of_a_delivered_message_is_not_a_lost_l
 ) -> None:
     # The heartbeat renews what the relay holds; a message delivered and deleted by its
     # settle write just before the renewal ran is missing from the renewal, yet not lost.
+    relay = _idle_relay(dsn)
+    relay._in_flight[42] = _InFlight(_message(42), uuid.uuid4(), None)
+    relay.on_lease_lost({41, 42})
+    assert relay.lost == {42}  # only the one still in flight
+
+
+def test_a_message_claimed_or_handed_over_after_the_stop_began_goes_back_at_once(
+    dsn: str,
+) -> None:
+    # A claim under way at the stop, or a settle write that handed over messages, returns
+    # after the lanes closed: the message is released unattempted, not left to the grace.
+    relay = _idle_relay(dsn)
+    relay._stopping = True
+    token = uuid.uuid4()
+    message = _message(7)
+    relay._start(
+        {
+            "id": message.sequence,
+            "lease_token": token,
+            "message_id": message.id,
+            "topic": message.topic,
+            "key": message.key,
+            "payload": message.payload,
+            "headers": {},
+            "attempts": 1,
+            "created_at": message.created_at,
+        }
+    )
+    assert relay._in_flight == {}
+    assert relay._settle.pending.release == [(7, token)]
+
+
+def _idle_relay(dsn: str) -> Relay:
     app = pgqueue.App()
     app.route("*", CallableSink("noop", lambda message: None))
-    relay = Relay(app, dsn, settings=RelaySettings())
-    relay.on_lease_lost({41})
-    assert relay.lost == set()
+    return Relay(app, dsn, settings=RelaySettings())
+
+
+def _message(sequence: int) -> Message:
+    return Message(
+        id=str(uuid.uuid4()),
+        sequence=sequence,
+        topic="t.x",
+        key="k",
+        payload={},
+        headers={},
+        attempt=1,
+        created_at=datetime.now(timezone.utc),
+    )
 
 
 def test_the_previous_form_of_complete_messages_still_works_and_hands_nothing_over(
