@@ -10,30 +10,130 @@ otherwise. Any other exception counts as a transient failure.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from pgqueue.payload import safe_loads, wire_json
+
 MESSAGE_ID_HEADER = "Pgqueue-Message-Id"
+# Marks a payload not decoded yet (None is a valid JSON value).
+_UNSET: Any = object()
 
 
-@dataclass(frozen=True)
 class Message:
-    """An outbox message as a sink sees it.
+    """An outbox message as a sink sees it (read-only).
 
     ``id`` is the stable message id (a UUID string, fixed at publish time): it travels with
     every delivery attempt so that receivers can drop duplicates. ``sequence`` is the row id,
     for logs only (it is not commit-ordered).
+
+    ``payload`` is the decoded JSON value. ``payload_json`` is its JSON text: as stored, for a
+    message the relay read (decoded only when a sink reads ``payload``), so a sink that
+    forwards JSON (the webhook and Redis sinks) passes it on without a decode and an encode.
+
+    Example::
+
+        Message(id=str(uuid4()), sequence=1, topic="order.created", key="42",
+                payload={"order_id": 42}, headers={}, attempt=1,
+                created_at=datetime.now(timezone.utc))
     """
 
+    __slots__ = (
+        "_payload",
+        "_payload_json",
+        "attempt",
+        "created_at",
+        "headers",
+        "id",
+        "key",
+        "sequence",
+        "topic",
+    )
     id: str
     sequence: int
     topic: str
     key: str | None
-    payload: Any
     headers: Mapping[str, str]
     attempt: int
     created_at: datetime
+    _payload: Any
+    _payload_json: str | None
+
+    def __init__(
+        self,
+        id: str,
+        sequence: int,
+        topic: str,
+        key: str | None,
+        payload: Any = _UNSET,
+        headers: Mapping[str, str] | None = None,
+        attempt: int = 1,
+        created_at: datetime | None = None,
+        *,
+        payload_json: str | None = None,
+    ) -> None:
+        if payload is _UNSET and payload_json is None:
+            raise TypeError("Message needs payload (a JSON value) or payload_json (its text)")
+        if created_at is None:
+            raise TypeError("Message needs created_at (an aware datetime)")
+        values = {
+            "id": id,
+            "sequence": sequence,
+            "topic": topic,
+            "key": key,
+            "headers": {} if headers is None else headers,
+            "attempt": attempt,
+            "created_at": created_at,
+            "_payload": payload,
+            "_payload_json": payload_json,
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def payload(self) -> Any:
+        if self._payload is _UNSET:
+            assert self._payload_json is not None
+            object.__setattr__(self, "_payload", safe_loads(self._payload_json))
+        return self._payload
+
+    @property
+    def payload_json(self) -> str:
+        """The payload as JSON text. Raises ``TypeError``/``ValueError`` for a payload given
+        as a Python value that JSON cannot hold."""
+        if self._payload_json is None:
+            object.__setattr__(self, "_payload_json", wire_json(self._payload))
+        text = self._payload_json
+        assert text is not None
+        return text
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.sequence,
+            self.topic,
+            self.key,
+            self.payload,
+            self.headers,
+            self.attempt,
+            self.created_at,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Message is read-only (tried to set {name!r})")
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(id={self.id!r}, sequence={self.sequence!r}, topic={self.topic!r}, "
+            f"key={self.key!r}, attempt={self.attempt!r})"
+        )
 
 
 class DeliveryError(Exception):
@@ -59,6 +159,11 @@ class Sink(Protocol):
     queue name). ``max_in_flight`` bounds concurrent deliveries to it. ``start``/``close``
     open and release connections; ``deliver`` sends one message and returns only once the
     destination has accepted it (for a broker: after its publisher confirmation).
+
+    Optional: a sink with ``forwards_payload_json = True`` sends ``message.payload_json`` on
+    as it is and never reads ``message.payload``. The relay then also hands it payloads that
+    Python's JSON decoder cannot read (nested past its limit), which other sinks never see:
+    those are dead-lettered as ``undecodable``.
     """
 
     name: str

@@ -11,6 +11,7 @@ import time
 from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from urllib.parse import urlsplit
 
 from pgqueue.payload import wire_json
@@ -62,6 +63,8 @@ class WebhookSink:
                            hmac_secret=os.environ["BILLING_WEBHOOK_SECRET"],
                            retry_on_4xx={409})
     """
+
+    forwards_payload_json = True
 
     def __init__(
         self,
@@ -180,22 +183,24 @@ class WebhookSink:
         )
 
     def _body(self, message: Message) -> bytes:
-        document = {
-            "id": message.id,
-            "topic": message.topic,
-            "key": message.key,
-            "payload": message.payload,
-            "headers": dict(message.headers),
-            "created_at": message.created_at.isoformat(),
-        }
+        # Assembled around the payload's JSON text, which goes out as stored: no decode and
+        # encode of every payload (the relay's largest cost per message after the socket).
         try:
-            text = wire_json(document)
+            payload = message.payload_json
+            headers = wire_json(dict(message.headers)) if message.headers else "{}"
+            key = "null" if message.key is None else encode_basestring(message.key)
+            text = (
+                f'{{"id":{encode_basestring(message.id)},'
+                f'"topic":{encode_basestring(message.topic)},"key":{key},'
+                f'"payload":{payload},"headers":{headers},'
+                f'"created_at":"{message.created_at.isoformat()}"}}'
+            )
+            return text.encode("utf-8")
         except (TypeError, ValueError) as exc:
             raise DeliveryError(
                 f"webhook {self.name!r}: message {message.id} is not JSON-serializable: {exc}",
                 is_permanent=True,
             ) from None
-        return text.encode("utf-8")
 
 
 def sign(secret: str | bytes, body: bytes, *, timestamp: int | None = None) -> str:

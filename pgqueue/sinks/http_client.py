@@ -37,7 +37,11 @@ class _Connection:
 
 
 class ConnectionPool:
-    """Up to ``max_connections`` keep-alive connections to the origin of ``url``."""
+    """Keep-alive connections to the origin of ``url``, up to ``max_connections`` kept idle.
+
+    The caller bounds concurrent requests (the sink holds one of its ``max_in_flight`` slots
+    for each, and sizes the pool to match): a request takes an idle connection or opens one.
+    """
 
     def __init__(self, url: str, *, max_connections: int) -> None:
         parts = urlsplit(url)
@@ -49,7 +53,7 @@ class ConnectionPool:
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._ssl = ssl.create_default_context() if self._tls else None
         self._idle: deque[_Connection] = deque()
-        self._slots = asyncio.Semaphore(max_connections)
+        self._max_idle = max_connections
 
     async def _open(self) -> _Connection:
         try:
@@ -71,30 +75,29 @@ class ConnectionPool:
         head += [f"{name}: {value}" for name, value in headers]
         head.append(f"Content-Length: {len(body)}")
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        async with self._slots:
-            reused = bool(self._idle)
-            connection = self._idle.pop() if reused else await self._open()
+        reused = bool(self._idle)
+        connection = self._idle.pop() if reused else await self._open()
+        try:
+            response, keep = await self._exchange(connection, data, excerpt_bytes)
+        except TransportError:
+            connection.close()
+            if not reused:
+                raise
+            # A kept-alive connection the server had closed meanwhile: one fresh try.
+            connection = await self._open()
             try:
                 response, keep = await self._exchange(connection, data, excerpt_bytes)
-            except TransportError:
-                connection.close()
-                if not reused:
-                    raise
-                # A kept-alive connection the server had closed meanwhile: one fresh try.
-                connection = await self._open()
-                try:
-                    response, keep = await self._exchange(connection, data, excerpt_bytes)
-                except BaseException:
-                    connection.close()
-                    raise
             except BaseException:
                 connection.close()
                 raise
-            if keep:
-                self._idle.append(connection)
-            else:
-                connection.close()
-            return response
+        except BaseException:
+            connection.close()
+            raise
+        if keep and len(self._idle) < self._max_idle:
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return response
 
     async def _exchange(
         self, connection: _Connection, data: bytes, excerpt_bytes: int

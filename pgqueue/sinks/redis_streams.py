@@ -73,6 +73,8 @@ class RedisStreamSink:
                                stream="app:{topic}", maxlen=1_000_000)
     """
 
+    forwards_payload_json = True
+
     def __init__(
         self,
         name: str,
@@ -160,7 +162,7 @@ class RedisStreamSink:
 
     def _fields(self, message: Message) -> dict[str, str]:
         try:
-            payload = wire_json(message.payload)
+            payload = message.payload_json
             headers = wire_json(dict(message.headers))
         except (TypeError, ValueError) as exc:
             raise DeliveryError(

@@ -8,14 +8,18 @@ FROM {schema}.publish_messages(%(topic)s::text[], %(key)s::text[], %(payload)s::
 ORDER BY pos
 
 -- name: claim_messages
--- Lease up to %(limit)s committed, due messages; only key heads are ever pending.
-SELECT id, lease_token, message_id, topic, key, payload, headers, attempts, created_at
+-- Lease up to %(limit)s committed, due messages; only key heads are ever pending. The
+-- payload comes as its JSON text: sinks that forward JSON send it as is, others decode it.
+SELECT id, lease_token, message_id::text, topic, key, payload::text, headers, attempts,
+       created_at
 FROM {schema}.claim_messages(%(limit)s, %(relay_id)s, %(lease_seconds)s)
 
 -- name: complete_messages
 -- Delivered: delete (keeping history when retention is on) and move the keys on. Rows with a
--- lease_token are each key's next message, handed to the relay given (none without one).
-SELECT id, lease_token, message_id, topic, key, payload, headers, attempts, created_at
+-- lease_token are each key's next message, handed to the relay given (none without one),
+-- with the columns of claim_messages.
+SELECT id, lease_token, message_id::text, topic, key, payload::text, headers, attempts,
+       created_at
 FROM {schema}.complete_messages(%(ids)b::bigint[], %(tokens)b::uuid[], %(sinks)b::text[],
                                 %(keep_history)s, %(relay_id)s::uuid,
                                 %(lease_seconds)s::float8)

@@ -683,6 +683,26 @@ def test_a_topic_with_no_route_published_while_the_relay_runs_is_dead_lettered(
     assert receiver.requests == []
 
 
+def test_a_webhook_forwards_a_payload_python_cannot_decode_rather_than_dead_lettering_it(
+    dsn: str, receiver: Receiver
+) -> None:
+    # Valid jsonb nested past Python's decoder: a sink that reads message.payload gets it
+    # dead-lettered (tests/faults/test_hostile_input.py); the webhook sends the text on.
+    query(
+        dsn,
+        "SELECT pgqueue.publish_messages(ARRAY['orders.created'], ARRAY['k'], ARRAY[%s::jsonb],"
+        " ARRAY['{}'::jsonb], ARRAY[0.0]::float8[])",
+        ('{"n": ' + "[" * 2000 + "]" * 2000 + "}",),
+    )
+    [row] = query(dsn, "SELECT message_id::text, payload::text AS stored FROM pgqueue.outbox")
+    with relay_running(webhook_app(receiver), dsn):
+        wait_until(lambda: outbox_is_drained(dsn), 10, "the message to be delivered")
+    [request] = receiver.requests
+    assert request.headers["pgqueue-message-id"] == row["message_id"]
+    assert f'"payload":{row["stored"]},'.encode() in request.body
+    assert query(dsn, "SELECT 1 FROM pgqueue.outbox_dead") == []
+
+
 def test_a_default_route_delivers_any_topic(ledger_dsn: str) -> None:
     dsn = ledger_dsn
     app = outbox_app.build_app(dsn=dsn, default_route=True)

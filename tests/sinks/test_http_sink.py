@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pgqueue.sinks import MESSAGE_ID_HEADER, DeliveryError, Sink
+from pgqueue.sinks import MESSAGE_ID_HEADER, DeliveryError, Message, Sink
 from pgqueue.sinks.http import WebhookSink, retry_after, sign, verify_signature
 from tests.servers import HttpReceiver, Reply, free_port
 from tests.sinks.conftest import MakeMessage
@@ -65,6 +65,31 @@ async def test_posts_the_message_as_json_with_its_id_in_headers(
         "headers": {"trace-id": "abc123"},
         "created_at": "2024-05-01T12:30:00.123456+00:00",
     }
+
+
+async def test_a_payload_read_from_the_database_goes_out_as_stored(
+    receiver: HttpReceiver, make_message: MakeMessage
+) -> None:
+    # Nested past what Python's JSON decoder reads: forwarded, never decoded.
+    deep = '{"n": ' + "[" * 3000 + "]" * 3000 + "}"
+    stored = '{"big": 100000000000000000000000000001, "deep": ' + deep + "}"
+    message = Message(
+        id="m-1",
+        sequence=1,
+        topic="orders",
+        key=None,
+        headers={},
+        attempt=1,
+        created_at=datetime(2024, 5, 1, tzinfo=timezone.utc),
+        payload_json=stored,
+    )
+    async with started(WebhookSink("hooks", receiver.url())) as sink:
+        await sink.deliver(message)
+    [request] = receiver.requests
+    assert f'"payload":{stored},'.encode() in request.body
+    document = json.loads(request.body.replace(deep.encode(), b"null"))
+    assert document["payload"]["big"] == 100000000000000000000000000001
+    assert document["headers"] == {} and document["key"] is None
 
 
 async def test_method_is_configurable(receiver: HttpReceiver, make_message: MakeMessage) -> None:
