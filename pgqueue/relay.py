@@ -34,7 +34,7 @@ from pgqueue.outcome import RELEASE, Outcome, format_error
 from pgqueue.payload import Undecodable
 from pgqueue.sinks import DeliveryError, Message, Sink
 from pgqueue.store import MaintenanceSession, MessageStore, Settlement, SettleQueue
-from pgqueue.timeouts import DeadlineWatch, watch_resolution
+from pgqueue.timeouts import DeadlineWatch, watch_resolution, within
 
 log = logging.getLogger("pgqueue.relay")
 
@@ -314,10 +314,11 @@ class Relay(ClaimingProcess[MessageStore]):
             if len(rows) == limit:
                 await asyncio.sleep(0)
                 continue
-            if rows:
+            if rows and not self.settings.listen:
                 continue
+            # A short batch took every message ready at the claim; later ones send a NOTIFY.
             try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                await within(self._wake.wait(), self.settings.poll_seconds)
             except asyncio.TimeoutError:
                 pass
 

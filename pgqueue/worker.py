@@ -309,10 +309,13 @@ class Worker(ClaimingProcess[JobStore]):
             if is_full:
                 await asyncio.sleep(0)
                 continue
-            if claimed_any:
+            if claimed_any and not self.settings.listen:
                 continue
+            # A batch short of its limit took every job ready at the claim; a job committed
+            # since then sent a NOTIFY, which has set _wake already. Claiming again at once
+            # would cost a round trip and, worse, be sent before the jobs just claimed start.
             try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+                await within(self._wake.wait(), self.settings.poll_seconds)
             except asyncio.TimeoutError:
                 pass
 

@@ -128,8 +128,11 @@ def kill_between_accept_and_settle(
     dsn: str, relay: WorkerProcess, accepted: Any, progress: int
 ) -> set[str]:
     """Let ``relay`` deliver ``progress`` messages, freeze its settlements, wait until every
-    message it holds was accepted by the sink, SIGKILL it. Returns those message ids."""
-    wait_until(lambda: len(accepted()) >= progress, 20, f"{progress} deliveries")
+    message it holds was accepted by the sink, SIGKILL it. Returns those message ids.
+
+    The freeze must come while the relay still has work: callers publish several times
+    ``progress`` messages, and the first check looks every few milliseconds."""
+    wait_until(lambda: len(accepted()) >= progress, 20, f"{progress} deliveries", interval=0.002)
     with psycopg.connect(dsn) as lock:
         lock.execute("LOCK TABLE pgqueue.outbox_throughput IN EXCLUSIVE MODE")
         wait_until(lambda: settlement_blocked(dsn), 10, "the relay's settlement to block")
@@ -207,7 +210,7 @@ def test_redis_relay_killed_after_xadd_adds_no_duplicate_entry(
     dsn: str, relays: Relays, redis_url: str
 ) -> None:
     keys = [f"k{i:02d}" for i in range(20)]
-    published = publish_keyed(dsn, "events.created", keys, 25)
+    published = publish_keyed(dsn, "events.created", keys, 100)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
 
     def stream_ids() -> list[str]:
@@ -221,7 +224,7 @@ def test_redis_relay_killed_after_xadd_adds_no_duplicate_entry(
 
     entries = [fields for _, fields in client.xrange("pgqueue:events.created")]
     client.close()
-    assert len(entries) == 500 == len({e["id"] for e in entries}), "no duplicate entry"
+    assert len(entries) == 2000 == len({e["id"] for e in entries}), "no duplicate entry"
     per_key: dict[str, list[str]] = {}
     for entry in entries:
         per_key.setdefault(entry["key"], []).append(entry["id"])
@@ -231,7 +234,7 @@ def test_redis_relay_killed_after_xadd_adds_no_duplicate_entry(
 
 def test_job_relay_killed_after_enqueueing_creates_no_second_job(dsn: str, relays: Relays) -> None:
     keys = [f"k{i}" for i in range(5)]
-    published = publish_keyed(dsn, "jobs.created", keys, 20)
+    published = publish_keyed(dsn, "jobs.created", keys, 80)
 
     def job_message_ids() -> list[str]:
         return [r["m"] for r in query(dsn, "SELECT args->>'message_id' AS m FROM pgqueue.jobs")]
@@ -246,7 +249,7 @@ def test_job_relay_killed_after_enqueueing_creates_no_second_job(dsn: str, relay
         "SELECT args->>'key' AS key, args->>'message_id' AS m, unique_key FROM pgqueue.jobs"
         " ORDER BY id",
     )
-    assert len(jobs) == 100 == len({j["m"] for j in jobs}), "one job per message"
+    assert len(jobs) == 400 == len({j["m"] for j in jobs}), "one job per message"
     assert all(j["unique_key"] == f"outbox:{j['m']}" for j in jobs)
     assert check_key_order(published, [(j["key"], j["m"]) for j in jobs]) == {}
     assert redelivered(dsn) == held
