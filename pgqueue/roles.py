@@ -22,7 +22,8 @@ _VIEWS = (
 # Called by the views (queue_stats estimates deep counts); the caller needs EXECUTE.
 _VIEW_FUNCTIONS = ("estimated_jobs(text, text)",)
 _WORKER_FUNCTIONS = (
-    "claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)",
+    "claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint, boolean)",
+    "claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)",  # older workers
     "complete_jobs(bigint[], uuid[])",
     "fail_jobs(bigint[], uuid[], text[], text[], boolean[])",
     "rescue_expired_jobs(int, int)",

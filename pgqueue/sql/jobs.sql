@@ -39,32 +39,19 @@ COPY {schema}.jobs (id, queue, task, args, headers, priority, run_at, max_attemp
 -- name: claim_jobs
 -- Lease up to %(limit)s ready jobs of one queue in one round trip (pause, global
 -- concurrency and rate limits are enforced inside). The attempt is counted at claim.
--- Empty headers come back as NULL: no jsonb to print and parse for most jobs. The args come
--- as text, for the worker to decode the whole batch in one parser call; timestamps as
--- epoch seconds (float8), turned into datetimes only when a handler reads them. The hint
--- (NULL for a scan from the start) is where the caller's last full batch ended.
--- The claim's commit does not wait for its WAL to reach disk (synchronous_commit off, for
--- this transaction alone) unless %(durable)s, a claimed job has an ordering key, or the
--- queue has a concurrency or rate limit: what a crash can take back is then only plain
--- jobs that run again (README, "The contract"). commit_mode runs once, after the claim,
--- when the first claimed row is joined to it.
-WITH claimed AS MATERIALIZED (
-    SELECT * FROM {schema}.claim_jobs(%(queue)s, %(limit)s, %(worker_id)s, %(lease_seconds)s,
-                                      %(task_names)b::text[], %(task_max_attempts)b::int[],
-                                      %(default_max_attempts)s, %(hint_priority)s::int,
-                                      %(hint_epoch)s::float8, %(hint_id)s::bigint)
-), commit_mode AS MATERIALIZED (
-    SELECT set_config('synchronous_commit', 'off', true)
-    WHERE NOT %(durable)s
-      AND NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.ordering_key IS NOT NULL)
-      AND NOT EXISTS (SELECT 1 FROM {schema}.queues AS q
-                      WHERE q.name = %(queue)s
-                        AND (q.concurrency_limit IS NOT NULL OR q.rate_limit IS NOT NULL))
-)
-SELECT id, queue, task, args::text, nullif(headers, '{{}}'), priority, attempts, max_attempts,
-       timeout_seconds, lease_token, ordering_key, date_part('epoch', created_at),
-       date_part('epoch', run_at)
-FROM claimed LEFT JOIN commit_mode ON true
+-- Rows come as the worker reads them: empty headers as NULL, args as text (the worker
+-- decodes a whole batch in one parser call), timestamps as epoch seconds (float8, turned
+-- into datetimes only when a handler reads them). The hint (NULL for a scan from the start)
+-- is where the caller's last full batch ended. The claim's commit does not wait for its
+-- WAL to reach disk (synchronous_commit off, for this transaction alone) unless
+-- %(durable)s, a claimed job has an ordering key, or the queue has a concurrency or rate
+-- limit: what a crash can take back is then only plain jobs that run again (README, "The
+-- contract"; migration 0007).
+SELECT * FROM {schema}.claim_jobs(%(queue)s, %(limit)s, %(worker_id)s, %(lease_seconds)s,
+                                  %(task_names)b::text[], %(task_max_attempts)b::int[],
+                                  %(default_max_attempts)s, %(hint_priority)s::int,
+                                  %(hint_epoch)s::float8, %(hint_id)s::bigint,
+                                  %(durable)s::boolean)
 
 -- name: complete_jobs
 -- Delete the jobs this worker still holds (fenced by lease token), count them, and hand

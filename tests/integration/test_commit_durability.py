@@ -36,7 +36,9 @@ def configure_database(dsn: str, value: str) -> None:
         )
 
 
-def claim_commit_mode(dsn: str, queue: str, *, durable: bool = False) -> tuple[int, str]:
+def claim_commit_mode(
+    dsn: str, queue: str, *, durable: bool = False, hint: dict[str, Any] | None = None
+) -> tuple[int, str]:
     """Claim from ``queue`` in a transaction; how many jobs, and the setting the commit
     would use. Rolled back: the jobs stay available."""
     with psycopg.connect(dsn) as conn:
@@ -50,7 +52,7 @@ def claim_commit_mode(dsn: str, queue: str, *, durable: bool = False) -> tuple[i
                 "task_names": ["t"],
                 "task_max_attempts": [3],
                 "default_max_attempts": 3,
-                **hint_params(None),
+                **(hint or hint_params(None)),
                 "durable": durable,
             },
         ).fetchall()
@@ -84,6 +86,16 @@ def test_a_claim_with_a_keyed_job_waits_as_configured(dsn: str) -> None:
     enqueue(dsn, "mixed", 2)
     enqueue(dsn, "mixed", 1, ordering_key="k")
     assert claim_commit_mode(dsn, "mixed") == (3, "local")
+
+
+def test_a_keyed_job_found_by_the_second_pass_of_a_hinted_claim_still_waits(dsn: str) -> None:
+    # The hinted pass leases the plain job above the hint and comes up short; the pass from
+    # the start then leases the keyed one behind it: the commit must wait after all.
+    configure_database(dsn, "local")
+    enqueue(dsn, "hinted", 1, ordering_key="k")
+    enqueue(dsn, "hinted", 1, priority=1)
+    past_everything = {"hint_priority": 0, "hint_epoch": 4102444800.0, "hint_id": 2**62}
+    assert claim_commit_mode(dsn, "hinted", hint=past_everything) == (2, "local")
 
 
 def test_a_claim_in_a_limited_queue_waits_as_configured(dsn: str) -> None:

@@ -403,3 +403,44 @@ def test_a_stop_is_not_held_up_by_a_settle_write_that_keeps_failing(dsn: str) ->
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 20
     assert scalar(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%s)", (ids,)) == 5
+
+
+def test_a_worker_newer_than_the_schema_stops_with_exit_code_3_and_runs_nothing(
+    empty_dsn: str,
+) -> None:
+    # A worker of this version against a schema at 0006: its claim needs the claim_jobs of
+    # 0007. It must stop with a clear exit code, not retry the claim forever.
+    from alembic import command
+    from sqlalchemy import create_engine, pool
+
+    from pgqueue import migrate
+
+    engine = create_engine(
+        "postgresql+psycopg://" + empty_dsn.split("://", 1)[1], poolclass=pool.NullPool
+    )
+    try:
+        with engine.connect() as connection:
+            config = migrate._config("pgqueue")
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0006_outbox_handoff")
+            connection.commit()
+    finally:
+        engine.dispose()
+    with psycopg.connect(empty_dsn) as conn:
+        for n in range(3):
+            pgqueue.enqueue(conn, "record", {"n": n})
+    ran: list[int] = []
+    app = pgqueue.App()
+
+    @app.task()
+    def record(job: pgqueue.Job, n: int) -> None:
+        ran.append(n)
+
+    worker = pgqueue.Worker(app, empty_dsn, settings=pgqueue.WorkerSettings(poll_seconds=0.1))
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run(install_signals=False)))
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the worker kept running against an older schema"
+    assert codes == [3] and ran == []
+    assert scalar(empty_dsn, "SELECT count(*) FROM pgqueue.jobs WHERE state = 'available'") == 3

@@ -140,6 +140,17 @@ def test_host_application_env_can_run_pgqueue_revisions(empty_dsn: str) -> None:
             ],
             id="0006-complete_messages",
         ),
+        pytest.param(
+            "0006_outbox_handoff",
+            "0007_lean_claim",
+            ["claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)"],
+            [
+                "claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint, "
+                "boolean)"
+            ],
+            ["claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)"],
+            id="0007-claim_jobs",
+        ),
     ],
 )
 def test_a_revision_that_replaces_functions_keeps_who_may_run_them_both_ways(
