@@ -51,7 +51,9 @@ class Listener:
                 if failures:
                     log.info("LISTEN session restored after %d failed attempts", failures)
                     self.reconnects += 1
-                    self._on_wake()
+                # Whatever committed before LISTEN took effect sent its NOTIFY to nobody: the
+                # first session too (the caller may have claimed before it was up).
+                self._on_wake()
                 failures = 0
                 await self._consume(conn)
             except asyncio.CancelledError:

@@ -316,7 +316,8 @@ class Relay(ClaimingProcess[MessageStore]):
                 continue
             if rows and not self.settings.listen:
                 continue
-            # A short batch took every message ready at the claim; later ones send a NOTIFY.
+            # A short batch took every message ready at the claim; publishes and keys moved
+            # on send a NOTIFY, the rest (retries, rescues) wait for the poll (as the worker).
             try:
                 await within(self._wake.wait(), self.settings.poll_seconds)
             except asyncio.TimeoutError:

@@ -311,9 +311,11 @@ class Worker(ClaimingProcess[JobStore]):
                 continue
             if claimed_any and not self.settings.listen:
                 continue
-            # A batch short of its limit took every job ready at the claim; a job committed
-            # since then sent a NOTIFY, which has set _wake already. Claiming again at once
-            # would cost a round trip and, worse, be sent before the jobs just claimed start.
+            # A batch short of its limit took every job ready at the claim. Jobs enqueued
+            # since, and keys moved on, send a NOTIFY, which has set _wake already; the rest
+            # (a retry or release by another worker, a run_at reached, a rescue) wait for
+            # the poll, as after an empty claim. Claiming again at once would cost a round
+            # trip and be sent before the jobs just claimed start.
             try:
                 await within(self._wake.wait(), self.settings.poll_seconds)
             except asyncio.TimeoutError:

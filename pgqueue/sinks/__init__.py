@@ -9,11 +9,12 @@ otherwise. Any other exception counts as a transient failure.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from pgqueue.payload import safe_loads, wire_json
+from pgqueue.payload import encode, safe_loads
 
 MESSAGE_ID_HEADER = "Pgqueue-Message-Id"
 # Marks a payload not decoded yet (None is a valid JSON value).
@@ -72,8 +73,12 @@ class Message:
         *,
         payload_json: str | None = None,
     ) -> None:
-        if payload is _UNSET and payload_json is None:
-            raise TypeError("Message needs payload (a JSON value) or payload_json (its text)")
+        if (payload is _UNSET) == (payload_json is None):
+            raise TypeError(
+                "Message takes payload (a JSON value) or payload_json (its text), one of them"
+            )
+        if payload_json is not None and not isinstance(payload_json, str):
+            raise TypeError(f"payload_json must be str, got {type(payload_json).__name__}")
         if created_at is None:
             raise TypeError("Message needs created_at (an aware datetime)")
         values = {
@@ -100,12 +105,48 @@ class Message:
     @property
     def payload_json(self) -> str:
         """The payload as JSON text. Raises ``TypeError``/``ValueError`` for a payload given
-        as a Python value that JSON cannot hold."""
-        if self._payload_json is None:
-            object.__setattr__(self, "_payload_json", wire_json(self._payload))
-        text = self._payload_json
-        assert text is not None
-        return text
+        as a Python value that JSON cannot hold (NaN and infinities included)."""
+        stored = self._payload_json
+        if stored is None:
+            stored = encode(self._payload, what="payload", max_bytes=sys.maxsize)
+            object.__setattr__(self, "_payload_json", stored)
+        return stored
+
+    def replace(self, **changes: Any) -> Message:
+        """A copy with ``changes`` (the constructor's arguments); the stored JSON text
+        travels along unless ``payload`` or ``payload_json`` is given.
+
+        Example::
+
+            await inner.deliver(message.replace(headers={**message.headers, "x-tenant": "7"}))
+        """
+        arguments = self._arguments()
+        if "payload" in changes or "payload_json" in changes:
+            arguments.pop("payload", None)
+            arguments.pop("payload_json", None)
+        return Message(**{**arguments, **changes})
+
+    __replace__ = replace  # copy.replace (Python 3.13)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt through the constructor (the attributes are read-only), by keyword.
+        return (_rebuilt, (self._arguments(),))
+
+    def _arguments(self) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "id": self.id,
+            "sequence": self.sequence,
+            "topic": self.topic,
+            "key": self.key,
+            "headers": self.headers,
+            "attempt": self.attempt,
+            "created_at": self.created_at,
+        }
+        if self._payload_json is not None:
+            arguments["payload_json"] = self._payload_json
+        else:
+            arguments["payload"] = self._payload
+        return arguments
 
     def _fields(self) -> tuple[Any, ...]:
         return (
@@ -136,6 +177,10 @@ class Message:
         )
 
 
+def _rebuilt(arguments: dict[str, Any]) -> Message:
+    return Message(**arguments)
+
+
 class DeliveryError(Exception):
     """The destination did not accept the message.
 
@@ -163,7 +208,8 @@ class Sink(Protocol):
     Optional: a sink with ``forwards_payload_json = True`` sends ``message.payload_json`` on
     as it is and never reads ``message.payload``. The relay then also hands it payloads that
     Python's JSON decoder cannot read (nested past its limit), which other sinks never see:
-    those are dead-lettered as ``undecodable``.
+    those are dead-lettered as ``undecodable``. A subclass of such a sink that reads
+    ``message.payload`` must set it back to False.
     """
 
     name: str

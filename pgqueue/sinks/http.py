@@ -11,7 +11,7 @@ import time
 from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from urllib.parse import urlsplit
 
 from pgqueue.payload import wire_json

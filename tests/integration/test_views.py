@@ -446,9 +446,15 @@ VIEW_QUERIES = {
     "dead_letters": "SELECT * FROM pgqueue.dead_letters ORDER BY failed_at DESC LIMIT 100",
     "blocked_keys": "SELECT * FROM pgqueue.blocked_keys",
 }
-# The statement claim_jobs runs, as it runs it (auto_explain shows the plan inside the
-# function); used directly when auto_explain is missing.
-CLAIM_CALL = "SELECT * FROM pgqueue.claim_jobs('q', 10, gen_random_uuid(), 30, '{}', '{}', 20)"
+# The claims a worker sends, from the start of the queue and from a hint (auto_explain
+# shows the plans of the statements inside the function); CLAIM_INNER is used directly when
+# auto_explain is missing.
+CLAIM_CALLS = (
+    "SELECT * FROM pgqueue.claim_jobs('q', 10, gen_random_uuid(), 30, '{}', '{}', 20,"
+    " NULL, NULL, NULL, false)",
+    "SELECT * FROM pgqueue.claim_jobs('q', 10, gen_random_uuid(), 30, '{}', '{}', 20,"
+    " 0, date_part('epoch', now() - interval '1 hour'), 1, false)",
+)
 CLAIM_INNER = (
     "SELECT j.id FROM pgqueue.jobs AS j"
     " WHERE j.state = 'available' AND j.queue = 'q' AND j.run_at <= now()"
@@ -503,23 +509,31 @@ def claim_plan(conn: psycopg.Connection[Any]) -> tuple[list[str], str]:
         conn.rollback()
         plan, _, ms = explain(conn, CLAIM_INNER)
         return scans(plan), f"{ms:.2f} ms (EXPLAIN of the inner statement)"
-    for setting, value in (
-        ("auto_explain.log_min_duration", "0"),
-        ("auto_explain.log_nested_statements", "on"),
-        ("auto_explain.log_analyze", "on"),
-        ("auto_explain.log_format", "json"),
-        ("auto_explain.log_level", "notice"),
-    ):
-        conn.execute("SELECT set_config(%s, %s, true)", (setting, value))
-    claimed = conn.execute(CLAIM_CALL).fetchall()
-    conn.rollback()
-    assert len(claimed) == 10
-    for notice in notices:
-        if "FOR UPDATE SKIP LOCKED" in notice:
-            document = json.loads(notice[notice.index("{") :])
-            timing = document["Plan"].get("Actual Total Time", 0.0)
-            return scans(document["Plan"]), f"{timing:.2f} ms (in claim_jobs, auto_explain)"
-    raise AssertionError(f"auto_explain showed no claim statement: {notices}")
+    found: list[str] = []
+    timings: list[str] = []
+    for call in CLAIM_CALLS:
+        for setting, value in (
+            ("auto_explain.log_min_duration", "0"),
+            ("auto_explain.log_nested_statements", "on"),
+            ("auto_explain.log_analyze", "on"),
+            ("auto_explain.log_format", "json"),
+            ("auto_explain.log_level", "notice"),
+        ):
+            conn.execute("SELECT set_config(%s, %s, true)", (setting, value))
+        notices.clear()
+        claimed = conn.execute(call).fetchall()
+        conn.rollback()
+        assert len(claimed) == 10, call
+        plans = [
+            json.loads(notice[notice.index("{") :])["Plan"]
+            for notice in notices
+            if "FOR UPDATE SKIP LOCKED" in notice
+        ]
+        assert plans, f"auto_explain showed no claim statement: {notices}"
+        for plan in plans:
+            found.extend(scans(plan))
+            timings.append(f"{plan.get('Actual Total Time', 0.0):.2f}")
+    return found, f"{' + '.join(timings)} ms (in claim_jobs, auto_explain)"
 
 
 def check_plans(conn: psycopg.Connection[Any], label: str, runs: int) -> list[str]:

@@ -49,3 +49,25 @@ def test_a_message_is_read_only_and_needs_a_payload() -> None:
         _message()
     with pytest.raises(TypeError, match="JSON"):
         _message(payload={1j}).payload_json  # noqa: B018 - the property raises
+
+
+def test_a_message_survives_pickle_copy_and_replace_with_its_stored_text() -> None:
+    import copy
+    import pickle
+
+    message = _message(payload_json='{"n": 1e400}', headers={"h": "1"})
+    for twin in (pickle.loads(pickle.dumps(message)), copy.copy(message), copy.deepcopy(message)):
+        assert twin.payload_json == '{"n": 1e400}' and twin.headers == {"h": "1"}
+        assert twin.id == message.id and twin.created_at == AT
+    tagged = message.replace(headers={"h": "2"})
+    assert tagged.payload_json == '{"n": 1e400}' and tagged.headers == {"h": "2"}
+    assert message.replace(payload={"n": 2}).payload_json == '{"n":2}'
+
+
+def test_a_payload_json_cannot_hold_is_refused_not_sent() -> None:
+    with pytest.raises(ValueError, match="nan"):
+        _message(payload={"x": float("nan")}).payload_json  # noqa: B018 - the property raises
+    with pytest.raises(TypeError, match="payload_json must be str"):
+        _message(payload_json=b"{}")
+    with pytest.raises(TypeError, match="one of them"):
+        _message(payload={}, payload_json="{}")
