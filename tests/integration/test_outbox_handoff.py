@@ -207,7 +207,7 @@ def test_a_message_claimed_or_handed_over_after_the_stop_began_goes_back_at_once
             "message_id": message.id,
             "topic": message.topic,
             "key": message.key,
-            "payload": message.payload,
+            "payload": message.payload_json,
             "headers": {},
             "attempts": 1,
             "created_at": message.created_at,
