@@ -4,22 +4,63 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pgqueue.errors import PayloadTooLarge
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 _MAX_DEPTH = 200
+
+
+def _reused(encoder: json.JSONEncoder) -> Callable[[Any], str]:
+    """``encoder.encode`` without building its C encoder anew on every call.
+
+    ``JSONEncoder.encode`` makes a fresh C encoder per value, which cost as much as encoding
+    a small job's arguments; a bulk enqueue encodes one value per job. This one is made
+    once and has no cycle check (that needs per-call state): a cyclic value recurses until
+    ``RecursionError``, which :func:`encode` turns into an error naming the path. Where the
+    C accelerator is missing or behaves otherwise, ``encoder.encode`` itself is used.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    strings = (
+        json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+        if encoder.ensure_ascii
+        else json.encoder.encode_basestring  # type: ignore[attr-defined]
+    )
+    try:
+        chunks = make(
+            None,
+            encoder.default,
+            strings,
+            encoder.indent,
+            encoder.key_separator,
+            encoder.item_separator,
+            encoder.sort_keys,
+            encoder.skipkeys,
+            encoder.allow_nan,
+        )
+
+        def encode_once(value: Any) -> str:
+            return "".join(chunks(value, 0))
+
+        sample = {"a": [1, 2.5, None, True, 'é\n"', {"b": -0.0}], "": 10**30}
+        if encode_once(sample) != encoder.encode(sample):
+            return encoder.encode
+    except Exception:
+        return encoder.encode
+    return encode_once
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-# For values read back from jsonb (sinks re-encode payloads): one encoder for all, since
+_encode_strict = _reused(_ENCODER)
+# For values read back from jsonb (sinks re-encode headers): one encoder for all, since
 # ``json.dumps`` with any keyword builds a new one per call.
 _WIRE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-def wire_json(value: Any) -> str:
-    """Compact JSON text of a value that came from the database (UTF-8, no spaces)."""
-    return _WIRE_ENCODER.encode(value)
+wire_json: Callable[[Any], str] = _reused(_WIRE_ENCODER)
+"""Compact JSON text of a value that came from the database (UTF-8, no spaces)."""
 
 
 def encode(value: Any, *, what: str = "args", max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
@@ -31,7 +72,7 @@ def encode(value: Any, *, what: str = "args", max_bytes: int = DEFAULT_MAX_PAYLO
     ``PayloadTooLarge`` fires before any SQL when the text exceeds ``max_bytes``.
     """
     try:
-        text = _ENCODER.encode(value)
+        text = _encode_strict(value)
     except (TypeError, ValueError, RecursionError):
         _explain(value, what, 0)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 
@@ -201,3 +202,20 @@ def test_job_times_survive_the_epoch_float_of_the_claim() -> None:
         # What date_part('epoch', ...) returns: the nearest float8 to the stored instant.
         seconds = (stored - epoch) / timedelta(microseconds=1) / 1_000_000
         assert _from_epoch(seconds) == stored
+
+
+def test_encode_matches_the_standard_encoder_and_names_a_cycle() -> None:
+    import json
+
+    values: list[Any] = [
+        {"a": [1, 2.5, -0.0, 1e-7, 10**40, None, True, 'é\n"\\\u2028'], "": {}},
+        [],
+        "text",
+        {1: "int key", 2.5: "float key", None: "null key"},
+    ]
+    for value in values:
+        assert encode(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    cyclic: dict[str, Any] = {"n": 1}
+    cyclic["self"] = cyclic
+    with pytest.raises(ValueError, match=r"args\['self'\]\['self'\]"):
+        encode(cyclic)
