@@ -27,7 +27,8 @@ from pgqueue.outbox import OutboxMessage, publish, publish_async, publish_many, 
 from pgqueue.queues import configure_queue, list_queues, pause_queue, resume_queue
 from pgqueue.relay import Relay, RelaySettings
 from pgqueue.retry import RetryPolicy
-from pgqueue.worker import JobTimeout, Worker, WorkerSettings
+from pgqueue.threads import JobTimeout
+from pgqueue.worker import Worker, WorkerSettings
 
 __version__ = "0.1.0"
 

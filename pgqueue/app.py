@@ -341,3 +341,31 @@ class App:
     def queues(self) -> list[str]:
         """The queues named by the registered tasks, sorted."""
         return sorted({task.queue for task in self.tasks.values()})
+
+
+class HandlerParameters:
+    """Which keyword arguments a handler accepts: checked per job without inspect.bind."""
+
+    def __init__(self, handler: Any) -> None:
+        parameters = list(inspect.signature(handler).parameters.values())[1:]
+        kinds = inspect.Parameter
+        self.accepts_any = any(p.kind is kinds.VAR_KEYWORD for p in parameters)
+        named = [
+            p for p in parameters if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+        ]
+        self.names = frozenset(p.name for p in named)
+        self.required = frozenset(p.name for p in named if p.default is kinds.empty)
+        self.accepts_all = self.accepts_any and not self.required
+
+    def mismatch(self, args: Any) -> str | None:
+        if self.accepts_all:
+            return None
+        keys = args.keys()
+        missing = self.required - keys
+        if missing:
+            return f"missing argument(s) {sorted(missing)}"
+        if not self.accepts_any:
+            unexpected = keys - self.names
+            if unexpected:
+                return f"unexpected argument(s) {sorted(unexpected)}"
+        return None

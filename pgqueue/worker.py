@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
-import queue as queue_module
 import signal
 import socket
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pgqueue import db
-from pgqueue.app import DEFAULT_MAX_ATTEMPTS, App, Task
+from pgqueue.app import DEFAULT_MAX_ATTEMPTS, App, HandlerParameters, Task
 from pgqueue.claims import ClaimHints
 from pgqueue.config import resolve_schema
-from pgqueue.errors import DatabaseError, LeaseLost, SchemaNotReady
+from pgqueue.errors import DatabaseError, SchemaNotReady
 from pgqueue.heartbeat import HeartbeatThread, rescue_in_batches
 from pgqueue.job import Job
+from pgqueue.job_transaction import JobTransaction, TransactionSessions
 from pgqueue.lanes import Lanes
 from pgqueue.lifecycle import (
     ClaimingProcess,
@@ -39,14 +36,10 @@ from pgqueue.outcome import COMPLETE, RELEASE, Outcome, decide, format_error
 from pgqueue.payload import Undecodable, loads_many
 from pgqueue.scheduler import Scheduler
 from pgqueue.store import JobStore, MaintenanceSession, Settlement, SettleQueue
-from pgqueue.threads import interrupt_thread
+from pgqueue.threads import HandlerThreads, JobTimeout
 from pgqueue.timeouts import within
 
 log = logging.getLogger("pgqueue.worker")
-
-
-class JobTimeout(Exception):
-    """A handler ran past its hard timeout."""
 
 
 @dataclass
@@ -84,7 +77,6 @@ class WorkerSettings:
 class _Running:
     job: Job
     task: asyncio.Task[None] | None = None
-    thread: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,18 +136,14 @@ class Worker(ClaimingProcess[JobStore]):
         # the claim order (behind any hint): the queue's next claim must scan from the start.
         self._keyed_settling: dict[int, str] = {}
         self._init_lifecycle()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.settings.concurrency * 2, thread_name_prefix="pgqueue-job"
-        )
-        self._abandoned_threads = 0
+        self._threads = HandlerThreads(self.settings.concurrency * 2)
         self.scheduler: Scheduler | None = None
         self.metrics: Metrics | None = None
         if self.settings.metrics_port is not None:
             self.metrics = Metrics()
-        self._sync_connections: queue_module.SimpleQueue[Any] = queue_module.SimpleQueue()
-        self._async_connections: list[Any] = []
+        self._transactions = TransactionSessions(dsn, self.schema)
         self._task_max_attempts = {name: t.max_attempts for name, t in app.tasks.items()}
-        self._signatures = {name: _Parameters(t.handler) for name, t in app.tasks.items()}
+        self._signatures = {name: HandlerParameters(t.handler) for name, t in app.tasks.items()}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -219,8 +207,8 @@ class Worker(ClaimingProcess[JobStore]):
             self._lanes.close()
             await wind_down([*background, *self._lanes.tasks], heartbeat, self.store, self.id)
             await self.store.close()
-            await self._close_pools()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            await self._transactions.close()
+            self._threads.shutdown()
             thaw_heap(frozen)
             log.info("worker %s stopped: %s", self.id, self.stats)
         return self.exit_code
@@ -264,11 +252,11 @@ class Worker(ClaimingProcess[JobStore]):
                 self._capacity.clear()
                 await self._capacity.wait()
                 continue
-            if self._abandoned_threads >= self.settings.concurrency:
+            if self._threads.abandoned >= self.settings.concurrency:
                 log.error(
                     "%d handler threads are stuck past their timeout: exiting so a "
                     "supervisor restarts this worker",
-                    self._abandoned_threads,
+                    self._threads.abandoned,
                 )
                 self.exit_code = 4
                 return
@@ -431,8 +419,7 @@ class Worker(ClaimingProcess[JobStore]):
                 return await within(coroutine, timeout)
             except asyncio.TimeoutError:
                 raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
-        running = self._running.get(job.id) or _Running(job)
-        return await self._call_sync(running, task, timeout, args, kwargs)
+        return await self._threads.call(task.handler, args, kwargs, timeout)
 
     async def _execute(self, running: _Running) -> None:
         job = running.job
@@ -518,48 +505,6 @@ class Worker(ClaimingProcess[JobStore]):
                 non_retryable=task.non_retryable,
             )
         return decide(None, attempt=job.attempt, max_attempts=job.max_attempts, policy=task.retry)
-
-    async def _call_sync(
-        self,
-        running: _Running,
-        task: Task[Any, Any],
-        timeout: float | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        slot = running.thread
-        slot["lock"] = threading.Lock()
-
-        def call() -> Any:
-            with slot["lock"]:
-                slot["ident"] = threading.get_ident()
-            try:
-                return task.handler(*args, **kwargs)
-            finally:
-                with slot["lock"]:
-                    slot["done"] = True
-
-        assert self._loop is not None
-        future = self._loop.run_in_executor(self._executor, call)
-        if timeout is None:
-            return await future
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            self._abandon(slot, future)
-            raise JobTimeout(f"handler ran past its timeout of {timeout:g}s") from None
-
-    def _abandon(self, slot: dict[str, Any], future: asyncio.Future[Any]) -> None:
-        """Give up on a sync handler past its timeout: interrupt it and stop waiting."""
-        with slot["lock"]:
-            if not slot.get("done") and "ident" in slot:
-                interrupt_thread(slot["ident"], JobTimeout)
-        self._abandoned_threads += 1
-
-        def finished(_: asyncio.Future[Any]) -> None:
-            self._abandoned_threads -= 1
-
-        future.add_done_callback(finished)
 
     # ------------------------------------------------------------ settling
 
@@ -700,116 +645,7 @@ class Worker(ClaimingProcess[JobStore]):
     # ------------------------------------------------------------ job.transaction()
 
     def transaction(self, job: Job) -> JobTransaction:
-        return JobTransaction(self, job)
-
-    async def _close_pools(self) -> None:
-        while not self._sync_connections.empty():
-            conn = self._sync_connections.get_nowait()
-            await asyncio.to_thread(conn.close)
-        for conn in self._async_connections:
-            await conn.close()
-        self._async_connections.clear()
-
-
-class _Parameters:
-    """Which keyword arguments a handler accepts: checked per job without inspect.bind."""
-
-    def __init__(self, handler: Any) -> None:
-        parameters = list(inspect.signature(handler).parameters.values())[1:]
-        kinds = inspect.Parameter
-        self.accepts_any = any(p.kind is kinds.VAR_KEYWORD for p in parameters)
-        named = [
-            p for p in parameters if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
-        ]
-        self.names = frozenset(p.name for p in named)
-        self.required = frozenset(p.name for p in named if p.default is kinds.empty)
-        self.accepts_all = self.accepts_any and not self.required
-
-    def mismatch(self, args: Any) -> str | None:
-        if self.accepts_all:
-            return None
-        keys = args.keys()
-        missing = self.required - keys
-        if missing:
-            return f"missing argument(s) {sorted(missing)}"
-        if not self.accepts_any:
-            unexpected = keys - self.names
-            if unexpected:
-                return f"unexpected argument(s) {sorted(unexpected)}"
-        return None
-
-
-class JobTransaction:
-    """``with``/``async with``: a transaction that also acknowledges the job (fenced)."""
-
-    def __init__(self, worker: Worker, job: Job) -> None:
-        self._worker = worker
-        self._job = job
-        self._conn: Any = None
-        self._query = db.queries(worker.schema)["complete_job_in_transaction"]
-
-    def _params(self) -> dict[str, Any]:
-        return {"id": self._job.id, "token": self._job.lease_token}
-
-    def __enter__(self) -> Any:
-        try:
-            self._conn = self._worker._sync_connections.get_nowait()
-        except queue_module.Empty:
-            self._conn = db.connect(self._worker.dsn, "worker-tx", autocommit=False)
-        return self._conn
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        conn = self._conn
-        try:
-            if exc_type is not None:
-                conn.rollback()
-                return
-            rows = db.run_sync(conn, self._query, self._params())
-            if not rows:
-                conn.rollback()
-                raise LeaseLost(
-                    f"job {self._job.id}: lease lost before job.transaction() committed; "
-                    "its writes were rolled back"
-                )
-            conn.commit()
-            self._job.is_acknowledged = True
-            # Acked: stop renewing the lease, or the heartbeat would report it lost.
-            self._worker.leases.pop(self._job.id, None)
-        finally:
-            if conn.closed or conn.info.transaction_status != 0:
-                conn.close()
-            else:
-                self._worker._sync_connections.put(conn)
-
-    async def __aenter__(self) -> Any:
-        if self._worker._async_connections:
-            self._conn = self._worker._async_connections.pop()
-        else:
-            self._conn = await db.connect_async(self._worker.dsn, "worker-tx", autocommit=False)
-        return self._conn
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        conn = self._conn
-        try:
-            if exc_type is not None:
-                await conn.rollback()
-                return
-            rows = await db.run_async(conn, self._query, self._params())
-            if not rows:
-                await conn.rollback()
-                raise LeaseLost(
-                    f"job {self._job.id}: lease lost before job.transaction() committed; "
-                    "its writes were rolled back"
-                )
-            await conn.commit()
-            self._job.is_acknowledged = True
-            # Acked: stop renewing the lease, or the heartbeat would report it lost.
-            self._worker.leases.pop(self._job.id, None)
-        finally:
-            if conn.closed or conn.info.transaction_status != 0:
-                await conn.close()
-            else:
-                self._worker._async_connections.append(conn)
+        return JobTransaction(self._transactions, job, self.leases)
 
 
 def _entries(batch: Settlement) -> list[tuple[int, uuid.UUID, Outcome]]:
