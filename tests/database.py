@@ -175,3 +175,24 @@ def create_template(admin_dsn: str, prepare: Callable[[str], object]) -> str:
         drop_database(admin_dsn, name)
         raise
     return name
+
+
+def migrate_to(dsn: str, revision: str) -> None:
+    """Bring the pgqueue schema of ``dsn`` to ``revision`` (an older one, to meet code of
+    this version with a schema it is newer than)."""
+    from alembic import command
+    from sqlalchemy import create_engine, pool
+
+    from pgqueue import migrate
+
+    engine = create_engine(
+        "postgresql+psycopg://" + dsn.split("://", 1)[1], poolclass=pool.NullPool
+    )
+    try:
+        with engine.connect() as connection:
+            config = migrate._config("pgqueue")
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+            connection.commit()
+    finally:
+        engine.dispose()

@@ -23,6 +23,7 @@ from pgqueue.relay import Relay, RelaySettings, _InFlight
 from pgqueue.sinks import Message
 from pgqueue.sinks.local import CallableSink
 from pgqueue.store import MessageStore, Settlement
+from tests.database import migrate_to
 
 LEASE = 30.0
 
@@ -267,22 +268,7 @@ def test_a_relay_newer_than_the_schema_stops_with_exit_code_3_instead_of_piling_
 ) -> None:
     # A relay of this version against a schema at 0005: claims work, the settle write does
     # not (complete_messages lacks the handoff form). The relay must stop, not deliver on.
-    from alembic import command
-    from sqlalchemy import create_engine, pool
-
-    from pgqueue import migrate
-
-    engine = create_engine(
-        "postgresql+psycopg://" + empty_dsn.split("://", 1)[1], poolclass=pool.NullPool
-    )
-    try:
-        with engine.connect() as connection:
-            config = migrate._config("pgqueue")
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0005_claim_hints")
-            connection.commit()
-    finally:
-        engine.dispose()
+    migrate_to(empty_dsn, "0005_claim_hints")
     _publish(empty_dsn, [OutboxMessage("t.x", {"n": n}, key=f"k{n % 5}") for n in range(50)])
     delivered: list[int] = []
     app = pgqueue.App()

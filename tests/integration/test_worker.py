@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 import pgqueue
+from tests.database import migrate_to
 from tests.integration.worker_runner import enqueue, jobs_left, running_worker, scalar, wait_until
 
 FAST = pgqueue.RetryPolicy(base_seconds=0.05, max_seconds=0.1)
@@ -410,22 +411,7 @@ def test_a_worker_newer_than_the_schema_stops_with_exit_code_3_and_runs_nothing(
 ) -> None:
     # A worker of this version against a schema at 0006: its claim needs the claim_jobs of
     # 0007. It must stop with a clear exit code, not retry the claim forever.
-    from alembic import command
-    from sqlalchemy import create_engine, pool
-
-    from pgqueue import migrate
-
-    engine = create_engine(
-        "postgresql+psycopg://" + empty_dsn.split("://", 1)[1], poolclass=pool.NullPool
-    )
-    try:
-        with engine.connect() as connection:
-            config = migrate._config("pgqueue")
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0006_outbox_handoff")
-            connection.commit()
-    finally:
-        engine.dispose()
+    migrate_to(empty_dsn, "0006_outbox_handoff")
     with psycopg.connect(empty_dsn) as conn:
         for n in range(3):
             pgqueue.enqueue(conn, "record", {"n": n})
