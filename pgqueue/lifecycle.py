@@ -13,6 +13,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
 
 from pgqueue.errors import ConfigurationError
+from pgqueue.timeouts import within
 
 log = logging.getLogger("pgqueue")
 
@@ -149,6 +150,26 @@ class ClaimingProcess(Generic[StoreT]):
         self._wake.set()
         self._capacity.set()
         self.store.stop_retrying()
+
+    async def _wait_after_claim(
+        self, claimed_any: bool, *, listens: bool, poll_seconds: float
+    ) -> None:
+        """Between claims that did not fill their batch: wait for a NOTIFY, at most a poll.
+
+        A short batch took everything ready at the claim. Work enqueued or published since,
+        and keys moved on, send a NOTIFY, which has set ``_wake`` already; the rest (a retry
+        or a release by another process, a run_at reached, a rescue) waits for the poll, as
+        after an empty claim. Claiming again at once would cost a round trip and be sent
+        before what was just claimed starts. Without LISTEN (``listens`` false) nothing sets
+        ``_wake``, so a claim that took something is followed by another at once.
+        """
+        assert self._wake is not None
+        if claimed_any and not listens:
+            return
+        try:
+            await within(self._wake.wait(), poll_seconds)
+        except asyncio.TimeoutError:
+            pass
 
     async def _claim_until_stopped(
         self, fetch_loop: Coroutine[Any, Any, None], drain: Callable[[], Awaitable[None]]

@@ -34,7 +34,7 @@ from pgqueue.outcome import RELEASE, Outcome, format_error
 from pgqueue.payload import Undecodable
 from pgqueue.sinks import DeliveryError, Message, Sink
 from pgqueue.store import MaintenanceSession, MessageStore, Settlement, SettleQueue
-from pgqueue.timeouts import DeadlineWatch, watch_resolution, within
+from pgqueue.timeouts import DeadlineWatch, watch_resolution
 
 log = logging.getLogger("pgqueue.relay")
 
@@ -314,14 +314,9 @@ class Relay(ClaimingProcess[MessageStore]):
             if len(rows) == limit:
                 await asyncio.sleep(0)
                 continue
-            if rows and not self.settings.listen:
-                continue
-            # A short batch took every message ready at the claim; publishes and keys moved
-            # on send a NOTIFY, the rest (retries, rescues) wait for the poll (as the worker).
-            try:
-                await within(self._wake.wait(), self.settings.poll_seconds)
-            except asyncio.TimeoutError:
-                pass
+            await self._wait_after_claim(
+                bool(rows), listens=self.settings.listen, poll_seconds=self.settings.poll_seconds
+            )
 
     def _start(self, row: dict[str, Any]) -> None:
         created: datetime = row["created_at"]

@@ -297,17 +297,9 @@ class Worker(ClaimingProcess[JobStore]):
             if is_full:
                 await asyncio.sleep(0)
                 continue
-            if claimed_any and not self.settings.listen:
-                continue
-            # A batch short of its limit took every job ready at the claim. Jobs enqueued
-            # since, and keys moved on, send a NOTIFY, which has set _wake already; the rest
-            # (a retry or release by another worker, a run_at reached, a rescue) wait for
-            # the poll, as after an empty claim. Claiming again at once would cost a round
-            # trip and be sent before the jobs just claimed start.
-            try:
-                await within(self._wake.wait(), self.settings.poll_seconds)
-            except asyncio.TimeoutError:
-                pass
+            await self._wait_after_claim(
+                claimed_any, listens=self.settings.listen, poll_seconds=self.settings.poll_seconds
+            )
 
     def _dispatch(self, rows: list[tuple[Any, ...]]) -> None:
         """Start claimed jobs: one runner per job, or per batch for batch tasks."""
