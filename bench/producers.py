@@ -3,16 +3,18 @@
     bench/.venv/bin/python bench/producers.py [--producers 8] [--seconds 5] [--repeat 3]
 
 Each producer is a thread with its own connection that commits one transaction per job, as
-a web request would. Three variants run interleaved in one database, each for ``--seconds``:
+a web request would. The variants run interleaved in one database, each for ``--seconds``:
 
 - insert: ``INSERT INTO bench_rows (queue, task, args) VALUES (...)``, one row per
   transaction into a table shaped like a job (bigint identity key, text, jsonb, timestamptz):
   what PostgreSQL itself does, the baseline of issue 6;
 - insert + NOTIFY: the same with a payload-free ``pg_notify`` (what wakes pgqueue's
   workers): PostgreSQL serializes the commits of notifying transactions;
-- enqueue: ``pgqueue.enqueue(conn, "noop", {...}, queue="bench")`` in the transaction;
-- enqueue, scheduled: the same with ``delay=3600``. A job that is not due sends no NOTIFY,
-  so this is what enqueue costs without the serialized commits;
+- enqueue: ``pgqueue.enqueue(conn, "noop", {...}, queue="bench")`` in the transaction,
+  with no worker waiting on the queue (none runs, as when all are busy): no NOTIFY;
+- enqueue, a worker waiting: the same with a worker's row in ``pgqueue.processes`` that is
+  not marked busy, as an idle worker's is: every transaction sends a NOTIFY;
+- enqueue, scheduled: ``delay=3600``. A job that is not due sends no NOTIFY either;
 - enqueue + business row: the INSERT and the enqueue in the same transaction (what an
   application does), for reference.
 
@@ -45,6 +47,12 @@ CREATE TABLE bench_rows (
 )
 """
 
+# An idle worker's row, as it stands while the worker waits for a NOTIFY (no worker runs).
+WAITING_WORKER_SQL = """
+INSERT INTO pgqueue.processes (id, kind, host, pid, queues, concurrency)
+VALUES (gen_random_uuid(), 'worker', 'bench', 0, ARRAY['bench'], 1)
+"""
+
 
 def _insert(conn: psycopg.Connection[Any], n: int) -> None:
     conn.execute(
@@ -75,6 +83,7 @@ VARIANTS: dict[str, Callable[[psycopg.Connection[Any], int], None]] = {
     "insert": _insert,
     "insert + NOTIFY": _insert_notify,
     "enqueue": _enqueue,
+    "enqueue, a worker waiting": _enqueue,
     "enqueue, scheduled": _enqueue_scheduled,
     "enqueue + business row": _both,
 }
@@ -127,7 +136,9 @@ def main() -> None:
         for repeat in range(args.repeat):
             for name, body in VARIANTS.items():
                 with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("TRUNCATE bench_rows, pgqueue.jobs")
+                    conn.execute("TRUNCATE bench_rows, pgqueue.jobs, pgqueue.processes")
+                    if name == "enqueue, a worker waiting":
+                        conn.execute(WAITING_WORKER_SQL)
                     conn.execute("VACUUM ANALYZE bench_rows, pgqueue.jobs")
                     conn.execute("CHECKPOINT")
                 rate = run_variant(dsn, body, args.producers, args.seconds)
@@ -141,8 +152,12 @@ def main() -> None:
         )
     ratio = statistics.median(rates["enqueue"]) / statistics.median(rates["insert"])
     print(f"ratio enqueue/insert={ratio:.2f}")
+    ratio = statistics.median(rates["enqueue, a worker waiting"]) / statistics.median(
+        rates["insert"]
+    )
+    print(f"ratio enqueue with a worker waiting (NOTIFY)/insert={ratio:.2f}")
     ratio = statistics.median(rates["enqueue, scheduled"]) / statistics.median(rates["insert"])
-    print(f"ratio scheduled enqueue (no NOTIFY)/insert={ratio:.2f}")
+    print(f"ratio scheduled enqueue/insert={ratio:.2f}")
 
 
 if __name__ == "__main__":

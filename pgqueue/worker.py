@@ -14,6 +14,7 @@ from typing import Any
 
 from pgqueue import db
 from pgqueue.app import DEFAULT_MAX_ATTEMPTS, App, HandlerParameters, Task
+from pgqueue.busy import BusyMark
 from pgqueue.claims import ClaimHints
 from pgqueue.config import resolve_schema
 from pgqueue.errors import DatabaseError, SchemaNotReady
@@ -132,6 +133,7 @@ class Worker(ClaimingProcess[JobStore]):
         # A job that becomes ready behind a hint waits no longer than the poll would, and
         # never more than a second: a long poll is for when LISTEN carries the wake-ups.
         self._claim_hints = ClaimHints(min(self.settings.poll_seconds, 1.0))
+        self._busy = BusyMark(self.store, lambda: self.process, listens=self.settings.listen)
         # Settling a keyed job promotes the next job of its key, which keeps its place in
         # the claim order (behind any hint): the queue's next claim must scan from the start.
         self._keyed_settling: dict[int, str] = {}
@@ -182,6 +184,7 @@ class Worker(ClaimingProcess[JobStore]):
             if self.metrics is not None and self.settings.metrics_port is not None:
                 self.metrics.serve(self.settings.metrics_port)
             await self.store.execute("register_queues", {"queues": self.queues})
+            await self._busy.start(self.settings.poll_seconds)
             frozen = self.settings.freeze_heap and freeze_startup_heap()
             heartbeat.start()
             background.append(asyncio.create_task(self._settle.run(), name="settle"))
@@ -263,6 +266,7 @@ class Worker(ClaimingProcess[JobStore]):
             self._wake.clear()
             claimed_any = False
             is_full = False
+            wait_seconds = 0.0
             try:
                 order = self.queues[rotation:] + self.queues[:rotation]
                 rotation = (rotation + 1) % len(self.queues)
@@ -286,6 +290,12 @@ class Worker(ClaimingProcess[JobStore]):
                     free -= len(rows)
                     if free <= 0 or self._stopping:
                         break
+                if self._stopping:
+                    break
+                if is_full:
+                    await self._busy.claimed_full()
+                else:
+                    wait_seconds = await self._busy.before_wait(self.settings.poll_seconds)
             except SchemaNotReady:
                 raise
             except DatabaseError as exc:
@@ -297,9 +307,10 @@ class Worker(ClaimingProcess[JobStore]):
             if is_full:
                 await asyncio.sleep(0)
                 continue
-            await self._wait_after_claim(
-                claimed_any, listens=self.settings.listen, poll_seconds=self.settings.poll_seconds
-            )
+            if wait_seconds > 0:
+                await self._wait_after_claim(
+                    claimed_any, listens=self.settings.listen, poll_seconds=wait_seconds
+                )
 
     def _dispatch(self, rows: list[tuple[Any, ...]]) -> None:
         """Start claimed jobs: one runner per job, or per batch for batch tasks."""

@@ -6,6 +6,24 @@ INSERT INTO {schema}.processes (id, kind, host, pid, queues, concurrency)
 VALUES (%(id)s, %(kind)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s)
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
 
+-- name: mark_worker_busy
+-- A worker says whether a one-job enqueue may skip its NOTIFY (%(busy)s) or must send it;
+-- the row is written whole, so the mark holds even before the first heartbeat.
+INSERT INTO {schema}.processes AS p (id, kind, host, pid, queues, concurrency, busy_since)
+VALUES (%(id)s, %(kind)s, %(host)s, %(pid)s, %(queues)s::text[], %(concurrency)s,
+        CASE WHEN %(busy)s THEN now() END)
+ON CONFLICT (id) DO UPDATE SET busy_since = EXCLUDED.busy_since
+
+-- name: transactions_in_progress
+-- The transactions in progress now (ids as text): after a worker cleared its busy mark, the
+-- producers that may have skipped their NOTIFY because of it are among them.
+SELECT ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) AS x) AS xids
+
+-- name: transactions_still_in_progress
+-- Which of the given transactions have not ended yet.
+SELECT ARRAY(SELECT x::text FROM unnest(%(xids)s::xid8[]) AS x
+             WHERE pg_xact_status(x) = 'in progress') AS xids
+
 -- name: unregister_process
 -- A clean exit removes the row at once instead of waiting for pruning.
 DELETE FROM {schema}.processes WHERE id = %(id)s

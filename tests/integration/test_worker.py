@@ -406,12 +406,21 @@ def test_a_stop_is_not_held_up_by_a_settle_write_that_keeps_failing(dsn: str) ->
     assert scalar(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%s)", (ids,)) == 5
 
 
+@pytest.mark.parametrize(
+    "revision",
+    [
+        # Its claim needs the claim_jobs of 0007.
+        "0006_outbox_handoff",
+        # Its busy mark (written before the first claim) needs the column of 0008.
+        "0007_lean_claim",
+    ],
+)
 def test_a_worker_newer_than_the_schema_stops_with_exit_code_3_and_runs_nothing(
-    empty_dsn: str,
+    empty_dsn: str, revision: str
 ) -> None:
-    # A worker of this version against a schema at 0006: its claim needs the claim_jobs of
-    # 0007. It must stop with a clear exit code, not retry the claim forever.
-    migrate_to(empty_dsn, "0006_outbox_handoff")
+    # A worker of this version against an older schema must stop with a clear exit code,
+    # not retry forever.
+    migrate_to(empty_dsn, revision)
     with psycopg.connect(empty_dsn) as conn:
         for n in range(3):
             pgqueue.enqueue(conn, "record", {"n": n})

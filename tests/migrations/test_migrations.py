@@ -112,6 +112,9 @@ def test_host_application_env_can_run_pgqueue_revisions(empty_dsn: str) -> None:
     assert migrate.current(empty_dsn) == migrate.head_revision()
 
 
+ENQUEUE_JOB = "enqueue_job(text, text, jsonb, jsonb, smallint, timestamptz, float8, int, float8)"
+
+
 @pytest.mark.parametrize(
     ("before", "after", "granted", "replaced", "kept"),
     [
@@ -150,6 +153,14 @@ def test_host_application_env_can_run_pgqueue_revisions(empty_dsn: str) -> None:
             ],
             ["claim_jobs(text, int, uuid, float8, text[], int[], int, int, float8, bigint)"],
             id="0007-claim_jobs",
+        ),
+        pytest.param(
+            "0007_lean_claim",
+            "0008_busy_workers",
+            [ENQUEUE_JOB],
+            [ENQUEUE_JOB],
+            [ENQUEUE_JOB],
+            id="0008-enqueue_job",
         ),
     ],
 )

@@ -1,0 +1,143 @@
+"""A one-job enqueue sends its NOTIFY only when a worker of the queue may be waiting for it,
+and a worker that stops being busy misses no job that skipped its NOTIFY (migration 0008)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgqueue
+from pgqueue.db import channel
+from tests.integration.worker_runner import jobs_left, running_worker, scalar, wait_until
+
+# Long enough that a test passing within it did not wait for the poll.
+POLL_SECONDS = 30.0
+
+
+def _process(conn: psycopg.Connection[Any], kind: str, queues: list[str], busy: bool) -> None:
+    conn.execute(
+        "INSERT INTO pgqueue.processes (id, kind, host, pid, queues, concurrency, busy_since) "
+        "VALUES (%s, %s, 'test', 1, %s, 1, CASE WHEN %s THEN now() END)",
+        (uuid.uuid4(), kind, queues, busy),
+    )
+
+
+@pytest.mark.parametrize(
+    ("processes", "notified"),
+    [
+        pytest.param([], False, id="no-worker"),
+        pytest.param([("worker", ["email"], False)], True, id="a-worker-waits"),
+        pytest.param([("worker", ["email"], True)], False, id="the-worker-is-busy"),
+        pytest.param(
+            [("worker", ["email"], True), ("worker", ["sms", "email"], False)],
+            True,
+            id="one-of-two-waits",
+        ),
+        pytest.param([("worker", ["sms"], False)], False, id="a-worker-of-another-queue"),
+        pytest.param([("relay", ["email"], False)], False, id="a-relay"),
+    ],
+)
+def test_a_one_job_enqueue_notifies_only_when_a_worker_of_its_queue_may_wait(
+    dsn: str, processes: list[tuple[str, list[str], bool]], notified: bool
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        for kind, queues, busy in processes:
+            _process(setup, kind, queues, busy)
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as producer:
+        listener.execute(f'LISTEN "{channel("pgqueue", "email")}"')
+        pgqueue.enqueue(producer, "t", {}, queue="email")
+        pgqueue.enqueue(producer, "t", {}, queue="email", delay=60)  # not due: never
+        producer.commit()
+        received = list(listener.notifies(timeout=0.5))
+    assert len(received) == (1 if notified else 0)
+    assert scalar(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE queue = 'email'") == 2
+
+
+def test_a_job_enqueued_before_the_worker_started_waiting_runs_without_the_poll(dsn: str) -> None:
+    """The producer read the processes before the worker's row existed, so it sent no
+    NOTIFY; its transaction was still open when the worker cleared its mark, so the worker
+    claims again once it ended, long before its poll."""
+    app = pgqueue.App()
+    ran: list[float] = []
+
+    @app.task(queue="race")
+    def record(job: pgqueue.Job) -> None:
+        ran.append(time.monotonic())
+
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        # Known already: the worker registers its queues, and would wait on a new one here.
+        setup.execute("INSERT INTO pgqueue.queues (name) VALUES ('race')")
+    with psycopg.connect(dsn) as producer:
+        pgqueue.enqueue(producer, "record", {}, queue="race")
+        with running_worker(app, dsn, queues=["race"], poll_seconds=POLL_SECONDS) as worker:
+            wait_until(
+                lambda: scalar(
+                    dsn,
+                    "SELECT count(*) FROM pgqueue.processes WHERE id = %s AND busy_since IS NULL",
+                    (worker.id,),
+                )
+            )
+            time.sleep(0.2)  # the worker is waiting now, and found nothing
+            assert not ran
+            producer.commit()
+            committed = time.monotonic()
+            wait_until(lambda: ran, timeout=10.0)
+    assert ran[0] - committed < 10.0 < POLL_SECONDS
+
+
+def test_a_worker_that_claims_full_batches_is_marked_busy_and_unmarked_when_it_waits(
+    dsn: str,
+) -> None:
+    app = pgqueue.App()
+    ran: list[int] = []
+
+    @app.task(queue="busy")
+    async def slow(job: pgqueue.Job, n: int) -> None:
+        await asyncio.sleep(0.02)
+        ran.append(n)
+
+    with psycopg.connect(dsn) as conn:
+        pgqueue.enqueue_many(conn, [("slow", {"n": n}) for n in range(150)], queue="busy")
+        conn.commit()
+    busy_sql = "SELECT busy_since IS NOT NULL FROM pgqueue.processes WHERE id = %s"
+    with running_worker(
+        app, dsn, queues=["busy"], concurrency=1, batch_size=1, poll_seconds=POLL_SECONDS
+    ) as worker:
+        # One job at a time for about 3 s: every claim fills its batch of one.
+        wait_until(lambda: scalar(dsn, busy_sql, (worker.id,)), timeout=20.0)
+        assert jobs_left(dsn) > 0
+        wait_until(lambda: jobs_left(dsn) == 0, timeout=30.0)
+        # Out of work: the mark is cleared before the worker waits, and a NOTIFY wakes it.
+        wait_until(lambda: scalar(dsn, busy_sql, (worker.id,)) is False)
+        with psycopg.connect(dsn) as conn:
+            pgqueue.enqueue(conn, "slow", {"n": 150}, queue="busy")
+            conn.commit()
+        wait_until(lambda: 150 in ran, timeout=10.0)
+    assert sorted(ran) == list(range(151))
+
+
+def test_a_worker_without_listen_is_marked_busy_at_once(dsn: str) -> None:
+    app = pgqueue.App()
+
+    @app.task(queue="polled")
+    def noop(job: pgqueue.Job) -> None: ...
+
+    with running_worker(app, dsn, queues=["polled"], listen=False) as worker:
+        wait_until(
+            lambda: scalar(
+                dsn,
+                "SELECT busy_since IS NOT NULL FROM pgqueue.processes WHERE id = %s",
+                (worker.id,),
+            )
+        )
+        with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as producer:
+            listener.execute(f'LISTEN "{channel("pgqueue", "polled")}"')
+            pgqueue.enqueue(producer, "noop", {}, queue="polled")
+            producer.commit()
+            assert list(listener.notifies(timeout=0.5)) == []
+        wait_until(lambda: jobs_left(dsn) == 0)
