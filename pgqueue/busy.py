@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
+
+from pgqueue.timeouts import within
 
 BUSY_AFTER_SECONDS = 1.0
 # While transactions that may have skipped their NOTIFY are still open, how often to ask.
@@ -29,7 +32,7 @@ class BusyMark:
     so its transaction is among those in progress once the mark is cleared: the worker
     claims again at once, and once more when the last of those transactions has ended
     (asking every ``CHECK_SECONDS``, for at most a poll interval; a NOTIFY from another
-    producer or the poll may come first).
+    producer may come first).
 
     :meth:`start` writes the mark before the first claim, and creates the process row if
     the heartbeat has not yet.
@@ -78,9 +81,13 @@ class BusyMark:
         elif now - self._full_since >= self._busy_after_seconds:
             await self._write(True)
 
-    async def before_wait(self, poll_seconds: float) -> float:
-        """A claim round came back short: how long to wait (for a NOTIFY) before the next
-        claim; 0.0 means claim again at once."""
+    async def before_wait(self, poll_seconds: float, wake: asyncio.Event) -> float:
+        """A claim round came back short: how long to wait for ``wake`` (a NOTIFY) before the
+        next claim; 0.0 means claim again at once.
+
+        While transactions open at the last clearing are still in progress, this returns
+        only once they all ended (0.0), ``wake`` is set (0.0) or a poll interval has passed.
+        """
         self._full_since = None
         if not self._listens:
             if not self.is_busy:
@@ -89,16 +96,22 @@ class BusyMark:
         if self.is_busy is not False:
             await self._clear(poll_seconds)
             return 0.0
-        if not self._pending:
-            return poll_seconds
-        rows = await self._store.execute("transactions_still_in_progress", {"xids": self._pending})
-        self._pending = list(rows[0]["xids"])
-        if not self._pending:
-            return 0.0  # they all ended: whatever they enqueued is visible now
-        if self._clock() >= self._pending_until:
-            self._pending = []  # long transactions: the poll covers them
-            return poll_seconds
-        return CHECK_SECONDS
+        while self._pending:
+            rows = await self._store.execute(
+                "transactions_still_in_progress", {"xids": self._pending}
+            )
+            self._pending = list(rows[0]["xids"])
+            if not self._pending:
+                return 0.0  # they all ended: whatever they enqueued is visible now
+            if self._clock() >= self._pending_until:
+                self._pending = []  # long transactions: the poll covers them
+                break
+            try:
+                await within(wake.wait(), CHECK_SECONDS)
+                return 0.0
+            except asyncio.TimeoutError:
+                pass
+        return poll_seconds
 
     async def _clear(self, poll_seconds: float) -> None:
         await self._write(False)

@@ -295,7 +295,9 @@ class Worker(ClaimingProcess[JobStore]):
                 if is_full:
                     await self._busy.claimed_full()
                 else:
-                    wait_seconds = await self._busy.before_wait(self.settings.poll_seconds)
+                    wait_seconds = await self._busy.before_wait(
+                        self.settings.poll_seconds, self._wake
+                    )
             except SchemaNotReady:
                 raise
             except DatabaseError as exc:
