@@ -14,7 +14,8 @@ NOTIFY, now marks its process row busy (processes.busy_since), and clears the ma
 next waits. enqueue_job sends its NOTIFY only when some worker serving the queue is not
 marked busy, a check made after the job's row is written, so that a worker that clears its
 mark meanwhile finds this transaction in progress when it looks (the worker's side of that
-protocol is in pgqueue/waiting.py). No mark means "may be waiting": a worker of an earlier
+protocol is in pgqueue/busy.py). A producer in REPEATABLE READ or SERIALIZABLE, whose
+snapshot may be older than its INSERT, always notifies. No mark means "may be waiting": a worker of an earlier
 version, a row re-inserted by a heartbeat, and a worker just started are all notified as
 before. With no live worker serving the queue no NOTIFY is sent at all: a worker that starts
 claims what is there.
@@ -89,12 +90,15 @@ BEGIN
                             timeout_seconds)
     VALUES (p_queue, p_task, p_args, p_headers, p_priority, run, p_max_attempts, p_timeout)
     RETURNING id INTO job_id;
-    -- After the INSERT, in a statement of its own: its snapshot is taken after this
-    -- transaction got its id, so a worker that clears its busy mark after this check
-    -- still finds this transaction in progress (pgqueue/waiting.py).
-    IF run <= now() AND EXISTS (
-        SELECT 1 FROM "{s}".processes AS p
-        WHERE p.kind = 'worker' AND p.busy_since IS NULL AND p_queue = ANY(p.queues)
+    -- After the INSERT, in a statement of its own: under READ COMMITTED its snapshot is
+    -- taken after this transaction got its id, so a worker that clears its busy mark
+    -- after this check still finds this transaction in progress (pgqueue/busy.py). Under
+    -- REPEATABLE READ or SERIALIZABLE the snapshot may predate the INSERT: always notify.
+    IF run <= now() AND (
+        current_setting('transaction_isolation') <> 'read committed'
+        OR EXISTS (
+            SELECT 1 FROM "{s}".processes AS p
+            WHERE p.kind = 'worker' AND p.busy_since IS NULL AND p_queue = ANY(p.queues))
     ) THEN
         PERFORM pg_notify('pgqueue_' || left(md5('{s}.' || p_queue), 24), '');
     END IF;

@@ -58,6 +58,23 @@ def test_a_one_job_enqueue_notifies_only_when_a_worker_of_its_queue_may_wait(
     assert scalar(dsn, "SELECT count(*) FROM pgqueue.jobs WHERE queue = 'email'") == 2
 
 
+@pytest.mark.parametrize(
+    "isolation", [psycopg.IsolationLevel.REPEATABLE_READ, psycopg.IsolationLevel.SERIALIZABLE]
+)
+def test_a_producer_in_a_stricter_isolation_level_always_notifies(
+    dsn: str, isolation: psycopg.IsolationLevel
+) -> None:
+    # Its snapshot may predate its INSERT, so the busy marks it reads prove nothing.
+    with psycopg.connect(dsn, autocommit=True) as setup:
+        _process(setup, "worker", ["email"], busy=True)
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as producer:
+        producer.isolation_level = isolation
+        listener.execute(f'LISTEN "{channel("pgqueue", "email")}"')
+        pgqueue.enqueue(producer, "t", {}, queue="email")
+        producer.commit()
+        assert len(list(listener.notifies(timeout=0.5))) == 1
+
+
 def test_a_job_enqueued_before_the_worker_started_waiting_runs_without_the_poll(dsn: str) -> None:
     """The producer read the processes before the worker's row existed, so it sent no
     NOTIFY; its transaction was still open when the worker cleared its mark, so the worker
