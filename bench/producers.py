@@ -10,13 +10,15 @@ a web request would. The variants run interleaved in one database, each for ``--
   what PostgreSQL itself does, the baseline of issue 6;
 - insert + NOTIFY: the same with a payload-free ``pg_notify`` (what wakes pgqueue's
   workers): PostgreSQL serializes the commits of notifying transactions;
-- enqueue: ``pgqueue.enqueue(conn, "noop", {...}, queue="bench")`` in the transaction,
-  with no worker waiting on the queue (none runs, as when all are busy): no NOTIFY;
-- enqueue, a worker waiting: the same with a worker's row in ``pgqueue.processes`` that is
-  not marked busy, as an idle worker's is: every transaction sends a NOTIFY;
-- enqueue, scheduled: ``delay=3600``. A job that is not due sends no NOTIFY either;
+- enqueue, workers busy: ``pgqueue.enqueue(conn, "noop", {...}, queue="bench")`` in the
+  transaction, with the queue's one worker row in ``pgqueue.processes`` marked busy, as a
+  worker's is while it drains a backlog (no worker runs): no NOTIFY;
+- enqueue, a worker waiting: the same with that row not marked busy, as an idle worker's
+  is: every transaction sends a NOTIFY;
+- enqueue, scheduled: ``delay=3600`` (workers busy). A job that is not due never sends a
+  NOTIFY;
 - enqueue + business row: the INSERT and the enqueue in the same transaction (what an
-  application does), for reference.
+  application does; workers busy), for reference.
 
 Prints transactions per second (median of the repeats, min-max) and enqueue/insert.
 """
@@ -47,10 +49,12 @@ CREATE TABLE bench_rows (
 )
 """
 
-# An idle worker's row, as it stands while the worker waits for a NOTIFY (no worker runs).
-WAITING_WORKER_SQL = """
-INSERT INTO pgqueue.processes (id, kind, host, pid, queues, concurrency)
-VALUES (gen_random_uuid(), 'worker', 'bench', 0, ARRAY['bench'], 1)
+# A worker's row, marked busy (draining a backlog) or not (waiting for a NOTIFY); no worker
+# runs.
+WORKER_ROW_SQL = """
+INSERT INTO pgqueue.processes (id, kind, host, pid, queues, concurrency, busy_since)
+VALUES (gen_random_uuid(), 'worker', 'bench', 0, ARRAY['bench'], 1,
+        CASE WHEN %(busy)s THEN now() END)
 """
 
 
@@ -82,7 +86,7 @@ def _both(conn: psycopg.Connection[Any], n: int) -> None:
 VARIANTS: dict[str, Callable[[psycopg.Connection[Any], int], None]] = {
     "insert": _insert,
     "insert + NOTIFY": _insert_notify,
-    "enqueue": _enqueue,
+    "enqueue, workers busy": _enqueue,
     "enqueue, a worker waiting": _enqueue,
     "enqueue, scheduled": _enqueue_scheduled,
     "enqueue + business row": _both,
@@ -137,8 +141,7 @@ def main() -> None:
             for name, body in VARIANTS.items():
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute("TRUNCATE bench_rows, pgqueue.jobs, pgqueue.processes")
-                    if name == "enqueue, a worker waiting":
-                        conn.execute(WAITING_WORKER_SQL)
+                    conn.execute(WORKER_ROW_SQL, {"busy": name != "enqueue, a worker waiting"})
                     conn.execute("VACUUM ANALYZE bench_rows, pgqueue.jobs")
                     conn.execute("CHECKPOINT")
                 rate = run_variant(dsn, body, args.producers, args.seconds)
@@ -150,8 +153,8 @@ def main() -> None:
             f"{name:<24} {statistics.median(values):10,.0f} tx/s "
             f"[{min(values):,.0f}-{max(values):,.0f}]"
         )
-    ratio = statistics.median(rates["enqueue"]) / statistics.median(rates["insert"])
-    print(f"ratio enqueue/insert={ratio:.2f}")
+    ratio = statistics.median(rates["enqueue, workers busy"]) / statistics.median(rates["insert"])
+    print(f"ratio enqueue (workers busy)/insert={ratio:.2f}")
     ratio = statistics.median(rates["enqueue, a worker waiting"]) / statistics.median(
         rates["insert"]
     )

@@ -115,15 +115,9 @@ def translate_error(exc: BaseException) -> PgQueueError:
         return exc
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(
-        exc,
-        (
-            pg_errors.UndefinedTable,
-            pg_errors.InvalidSchemaName,
-            pg_errors.UndefinedFunction,
-            pg_errors.UndefinedColumn,
-        ),
-    ) or sqlstate in ("42P01", "3F000", "42883", "42703"):
-        # A missing function or column is a schema older than this code (or never migrated).
+        exc, (pg_errors.UndefinedTable, pg_errors.InvalidSchemaName, pg_errors.UndefinedFunction)
+    ) or sqlstate in ("42P01", "3F000", "42883"):
+        # A missing function is a schema older than this code (or never migrated).
         return SchemaNotReady(
             "the pgqueue schema is missing, incomplete or older than this pgqueue in this "
             "database: run `pgqueue migrate` (or pgqueue.migrate.upgrade(dsn)) first"

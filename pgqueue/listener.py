@@ -19,7 +19,7 @@ log = logging.getLogger("pgqueue.listener")
 class Listener:
     """Calls ``on_wake`` whenever a NOTIFY arrives on one of ``channels``.
 
-    A dead session is noticed two ways: the notification stream raises, or the periodic
+    A dead session is noticed two ways: reading its socket fails, or the periodic
     ``SELECT 1`` probe (every ``probe_seconds`` of silence) fails or hangs past its timeout,
     which also catches half-open TCP connections. Either way it reconnects with backoff
     and calls ``on_wake`` once, since notifications may have been missed meanwhile.
@@ -93,6 +93,13 @@ class Listener:
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[None] = loop.create_future()
         received = False
+        socket = pgconn.socket
+
+        def give_up(exc: Exception) -> None:
+            # libpq may have closed the socket already: unwatch it now, before its number
+            # can be reused by another connection.
+            loop.remove_reader(socket)
+            lost.set_exception(exc)
 
         def readable() -> None:
             nonlocal received
@@ -104,24 +111,23 @@ class Listener:
                 while pgconn.notifies() is not None:
                     woken = True
             except psycopg.Error as exc:
-                lost.set_exception(exc)
+                give_up(exc)
                 return
             if pgconn.status != pq.ConnStatus.OK:
-                lost.set_exception(psycopg.OperationalError("the LISTEN session was closed"))
+                give_up(psycopg.OperationalError("the LISTEN session was closed"))
                 return
             if woken:
                 received = True
                 self._on_wake()
 
-        socket = pgconn.socket
         loop.add_reader(socket, readable)
         try:
             await asyncio.wait({lost}, timeout=self._probe_seconds)
         finally:
-            loop.remove_reader(socket)
             if lost.done():
                 lost.exception()  # retrieved here even when this task is cancelled
             else:
+                loop.remove_reader(socket)
                 lost.cancel()
         if not lost.cancelled():
             lost.result()  # raises: the session is gone

@@ -198,7 +198,7 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("started_at", tz, nullable=False, server_default=_now()),
         Column("heartbeat_at", tz, nullable=False, server_default=_now()),
         # Set while a worker claims full batches and would not wait for a NOTIFY; a
-        # one-job enqueue skips its NOTIFY when every worker of the queue is busy.
+        # one-job enqueue skips its NOTIFY when the queue has workers and all are busy.
         Column("busy_since", tz),
         PrimaryKeyConstraint("id", name="processes_pkey"),
         CheckConstraint("kind IN ('worker', 'relay')", name="processes_kind_check"),

@@ -184,7 +184,13 @@ class Worker(ClaimingProcess[JobStore]):
             if self.metrics is not None and self.settings.metrics_port is not None:
                 self.metrics.serve(self.settings.metrics_port)
             await self.store.execute("register_queues", {"queues": self.queues})
-            await self._busy.start(self.settings.poll_seconds)
+            try:
+                await self._busy.start(self.settings.poll_seconds)
+            except SchemaNotReady:
+                raise
+            except DatabaseError as exc:
+                # Unknown then, and written at the first wait instead.
+                log.warning("could not write this worker's busy mark (%s)", exc)
             frozen = self.settings.freeze_heap and freeze_startup_heap()
             heartbeat.start()
             background.append(asyncio.create_task(self._settle.run(), name="settle"))

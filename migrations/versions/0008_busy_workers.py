@@ -11,17 +11,17 @@ project's benchmark machine that took a third off the single-job enqueue rate (8
 
 A worker that claimed full batches for a second, and so claims again without waiting for a
 NOTIFY, now marks its process row busy (processes.busy_since), and clears the mark before it
-next waits. enqueue_job sends its NOTIFY only when some worker serving the queue is not
-marked busy, a check made after the job's row is written, so that a worker that clears its
-mark meanwhile finds this transaction in progress when it looks (the worker's side of that
-protocol is in pgqueue/busy.py). A producer in REPEATABLE READ or SERIALIZABLE, whose
-snapshot may be older than its INSERT, always notifies. No mark means "may be waiting": a worker of an earlier
-version, a row re-inserted by a heartbeat, and a worker just started are all notified as
-before. With no live worker serving the queue no NOTIFY is sent at all: a worker that starts
-claims what is there.
+next waits. enqueue_job skips its NOTIFY when the queue has worker rows and every one of
+them is marked busy. The check is made after the job's row is written, so that a worker
+that clears its mark meanwhile finds this transaction in progress or committed when it
+looks (the worker's side of that protocol is in pgqueue/busy.py). A producer in REPEATABLE
+READ or SERIALIZABLE, whose snapshot may be older than its INSERT, always notifies. No
+mark means "may be waiting": a worker of an earlier version, a row re-inserted by a
+heartbeat, and a worker just started are all notified as before; so is a queue with no
+worker row at all.
 
-The bulk and keyed paths (enqueue_jobs, prepare_bulk_enqueue) keep their NOTIFY: they are
-one per transaction of many jobs, or rare.
+The bulk, keyed and depth-limited paths (enqueue_jobs, prepare_bulk_enqueue) keep their
+NOTIFY: one per transaction of many jobs, or rare.
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ BEGIN
     -- taken after this transaction got its id, so a worker that clears its busy mark
     -- after this check still finds this transaction in progress (pgqueue/busy.py). Under
     -- REPEATABLE READ or SERIALIZABLE the snapshot may predate the INSERT: always notify.
+    -- No worker row at all is no proof that nobody listens (a live worker's row may have
+    -- been pruned while its heartbeat stalled): notify then too.
     IF run <= now() AND (
         current_setting('transaction_isolation') <> 'read committed'
-        OR EXISTS (
-            SELECT 1 FROM "{s}".processes AS p
-            WHERE p.kind = 'worker' AND p.busy_since IS NULL AND p_queue = ANY(p.queues))
+        OR NOT coalesce((SELECT bool_and(p.busy_since IS NOT NULL) FROM "{s}".processes AS p
+                         WHERE p.kind = 'worker' AND p_queue = ANY(p.queues)), false)
     ) THEN
         PERFORM pg_notify('pgqueue_' || left(md5('{s}.' || p_queue), 24), '');
     END IF;

@@ -30,7 +30,8 @@ def _process(conn: psycopg.Connection[Any], kind: str, queues: list[str], busy: 
 @pytest.mark.parametrize(
     ("processes", "notified"),
     [
-        pytest.param([], False, id="no-worker"),
+        # No row proves nobody listens (a live worker's row may have been pruned).
+        pytest.param([], True, id="no-worker-row"),
         pytest.param([("worker", ["email"], False)], True, id="a-worker-waits"),
         pytest.param([("worker", ["email"], True)], False, id="the-worker-is-busy"),
         pytest.param(
@@ -38,8 +39,14 @@ def _process(conn: psycopg.Connection[Any], kind: str, queues: list[str], busy: 
             True,
             id="one-of-two-waits",
         ),
-        pytest.param([("worker", ["sms"], False)], False, id="a-worker-of-another-queue"),
-        pytest.param([("relay", ["email"], False)], False, id="a-relay"),
+        pytest.param(
+            [("worker", ["email"], True), ("worker", ["sms"], False)],
+            False,
+            id="a-worker-of-another-queue-waits",
+        ),
+        pytest.param(
+            [("worker", ["email"], True), ("relay", ["email"], False)], False, id="a-relay"
+        ),
     ],
 )
 def test_a_one_job_enqueue_notifies_only_when_a_worker_of_its_queue_may_wait(
@@ -75,36 +82,48 @@ def test_a_producer_in_a_stricter_isolation_level_always_notifies(
         assert len(list(listener.notifies(timeout=0.5))) == 1
 
 
-def test_a_job_enqueued_before_the_worker_started_waiting_runs_without_the_poll(dsn: str) -> None:
-    """The producer read the processes before the worker's row existed, so it sent no
-    NOTIFY; its transaction was still open when the worker cleared its mark, so the worker
-    claims again once it ended, long before its poll."""
+def test_a_job_that_skipped_its_notify_runs_soon_after_its_worker_stops_being_busy(
+    dsn: str,
+) -> None:
+    """The producer read the busy mark before the worker cleared it, so it sent no NOTIFY;
+    its transaction was still open then, so the worker claims again as soon as it ends,
+    long before the poll, though another transaction stays open all along."""
     app = pgqueue.App()
-    ran: list[float] = []
+    ran: list[str] = []
+
+    @app.task(queue="race")
+    async def slow(job: pgqueue.Job, n: int) -> None:
+        await asyncio.sleep(0.03)
 
     @app.task(queue="race")
     def record(job: pgqueue.Job) -> None:
-        ran.append(time.monotonic())
+        ran.append("record")
 
-    with psycopg.connect(dsn, autocommit=True) as setup:
-        # Known already: the worker registers its queues, and would wait on a new one here.
-        setup.execute("INSERT INTO pgqueue.queues (name) VALUES ('race')")
-    with psycopg.connect(dsn) as producer:
-        pgqueue.enqueue(producer, "record", {}, queue="race")
-        with running_worker(app, dsn, queues=["race"], poll_seconds=POLL_SECONDS) as worker:
-            wait_until(
-                lambda: scalar(
-                    dsn,
-                    "SELECT count(*) FROM pgqueue.processes WHERE id = %s AND busy_since IS NULL",
-                    (worker.id,),
-                )
-            )
-            time.sleep(0.2)  # the worker is waiting now, and found nothing
+    busy_sql = "SELECT busy_since IS NOT NULL FROM pgqueue.processes WHERE id = %s"
+    with (
+        psycopg.connect(dsn) as other,
+        psycopg.connect(dsn, autocommit=True) as listener,
+        psycopg.connect(dsn) as producer,
+    ):
+        other.execute("SELECT pg_current_xact_id()")  # open, with an id, until the end
+        listener.execute(f'LISTEN "{channel("pgqueue", "race")}"')
+        pgqueue.enqueue_many(producer, [("slow", {"n": n}) for n in range(80)], queue="race")
+        producer.commit()
+        list(listener.notifies(timeout=0.2))  # the bulk enqueue's own NOTIFY
+        with running_worker(
+            app, dsn, queues=["race"], concurrency=1, batch_size=1, poll_seconds=POLL_SECONDS
+        ) as worker:
+            wait_until(lambda: scalar(dsn, busy_sql, (worker.id,)))
+            pgqueue.enqueue(producer, "record", {}, queue="race")  # sees it busy
+            wait_until(lambda: scalar(dsn, busy_sql, (worker.id,)) is False, timeout=30.0)
+            time.sleep(0.3)  # the worker waits now, and found nothing to run
             assert not ran
             producer.commit()
             committed = time.monotonic()
+            assert list(listener.notifies(timeout=0.2)) == []  # it was skipped
             wait_until(lambda: ran, timeout=10.0)
-    assert ran[0] - committed < 10.0 < POLL_SECONDS
+            assert time.monotonic() - committed < 10.0 < POLL_SECONDS
+    assert jobs_left(dsn) == 0
 
 
 def test_a_worker_that_claims_full_batches_is_marked_busy_and_unmarked_when_it_waits(
