@@ -26,9 +26,9 @@ class BusyMark:
 
     PostgreSQL serializes the commits of transactions that NOTIFY, so a one-job enqueue skips
     its NOTIFY when the queue has workers and every one of them is marked busy (migration
-    0008). A worker that claimed full batches for
-    ``busy_after_seconds`` claims again without waiting for anything, and marks itself busy;
-    a worker without LISTEN never waits for a NOTIFY, and is marked busy at once.
+    0008). A worker that claimed full batches for ``busy_after_seconds`` claims again
+    without waiting for anything, and marks itself busy; a worker without LISTEN never
+    waits for a NOTIFY, and is marked busy at once.
 
     Before a listening worker waits, it clears the mark. A producer that read the mark
     before it was cleared sent no NOTIFY, but (under READ COMMITTED; producers in stricter
