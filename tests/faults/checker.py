@@ -126,7 +126,10 @@ def read_runs(folder: Path) -> list[Run]:
     """Every run in the ledger files of ``folder`` (a start line, then maybe end/error)."""
     runs: dict[tuple[int, str], Run] = {}
     for path in sorted(folder.glob("ledger-*.jsonl")):
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        # A line is one write(2), but a reader can catch it half copied (the file grows a
+        # page at a time): a last line without its newline is read on the next call.
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if not line.strip():
                 continue
             entry = json.loads(line)
