@@ -177,9 +177,9 @@ def create_template(admin_dsn: str, prepare: Callable[[str], object]) -> str:
     return name
 
 
-def migrate_to(dsn: str, revision: str) -> None:
-    """Bring the pgqueue schema of ``dsn`` to ``revision`` (an older one, to meet code of
-    this version with a schema it is newer than)."""
+def migrate_to(dsn: str, revision: str, *, downgrade: bool = False) -> None:
+    """Bring the pgqueue schema of ``dsn`` up (or down) to ``revision``: to meet code of this
+    version with a schema it is newer than, or to test a revision both ways."""
     from alembic import command
     from sqlalchemy import create_engine, pool
 
@@ -192,7 +192,7 @@ def migrate_to(dsn: str, revision: str) -> None:
         with engine.connect() as connection:
             config = migrate._config("pgqueue")
             config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            (command.downgrade if downgrade else command.upgrade)(config, revision)
             connection.commit()
     finally:
         engine.dispose()

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, pool
 import pgqueue
 from pgqueue import migrate
 from pgqueue.schema import build_metadata
+from tests.database import migrate_to
 
 
 def _engine(dsn: str) -> Any:
@@ -174,20 +175,7 @@ def test_a_revision_that_replaces_functions_keeps_who_may_run_them_both_ways(
 ) -> None:
     """A revision that drops and creates functions (new parameters, new results) grants the
     new ones to the roles that could run the old ones, and its downgrade does the reverse."""
-    from alembic import command
-
     role = f"t{uuid.uuid4().hex[:8]}_runner"
-
-    def migrate_to(revision: str, downgrade: bool = False) -> None:
-        engine = _engine(empty_dsn)
-        try:
-            with engine.connect() as connection:
-                config = migrate._config("pgqueue")
-                config.attributes["connection"] = connection
-                (command.downgrade if downgrade else command.upgrade)(config, revision)
-                connection.commit()
-        finally:
-            engine.dispose()
 
     def may_execute(function: str, grantee: str = role) -> bool | None:
         signature = f"pgqueue.{function}"
@@ -199,7 +187,7 @@ def test_a_revision_that_replaces_functions_keeps_who_may_run_them_both_ways(
             ).fetchone()
             return None if row is None else bool(row[0])
 
-    migrate_to(before)
+    migrate_to(empty_dsn, before)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA pgqueue TO {}").format(sql.Identifier(role)))
@@ -211,14 +199,14 @@ def test_a_revision_that_replaces_functions_keeps_who_may_run_them_both_ways(
             )
     try:
         assert all(may_execute(function) is True for function in granted)
-        migrate_to(after)
+        migrate_to(empty_dsn, after)
         assert migrate.current(empty_dsn) == after
         gone = [f for f in granted if f not in kept]
         assert [may_execute(f) for f in gone] == [None] * len(gone)
         assert all(may_execute(f) is True for f in (*replaced, *kept))
         # PUBLIC may not run them (0004 revoked functions from PUBLIC; these too).
         assert [may_execute(f, "public") for f in replaced] == [False] * len(replaced)
-        migrate_to(before, downgrade=True)
+        migrate_to(empty_dsn, before, downgrade=True)
         assert [may_execute(f) for f in replaced if f not in granted] == [None] * len(
             [f for f in replaced if f not in granted]
         )
